@@ -1,0 +1,590 @@
+"""The ``detc`` command line. Every verb is a thin layer over a Python function of detc.compiler.
+
+Exit codes: 0 ok · 1 check failed (accuracy / latency gate) · 2 bad input, usage or unsupported
+model · 3 verification mismatch · 4 internal error (a bug in detc: please report it) · 130
+interrupted. Errors are one line on stderr; ``--debug`` (or DETC_DEBUG=1) adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from detc.compiler._errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    BadInputError,
+    CheckFailedError,
+    DetcError,
+    VerificationMismatchError,
+)
+
+EXIT_INTERNAL = 4
+
+EPILOG = (
+    "Exit codes: 0 ok, 1 check failed, 2 bad input/usage/unsupported model, "
+    "3 verification mismatch, 4 internal error, 130 interrupted."
+)
+
+
+def _info(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a failure leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_model(model: Any, path: Path) -> None:
+    import onnx_ir as ir
+
+    _write_atomically(path, lambda tmp: ir.save(model, tmp))
+
+
+def _load_pipeline(pipeline: str | None, config: Path | None) -> str | None:
+    """``-p`` text, or the pipeline a ``--config`` TOML states; both at once is refused."""
+    from detc.compiler._pipeline import load_config, pipeline_from_config
+
+    if config is None:
+        return pipeline
+    from_config = pipeline_from_config(load_config(config), str(config))
+    if pipeline is not None and from_config is not None:
+        raise BadInputError(f"give the pipeline either with -p or in {config}, not both")
+    return pipeline if from_config is None else str(from_config)
+
+
+def _pass_printer(quiet: bool):
+    def show(record: Any) -> None:
+        if quiet:
+            return
+        mark = "changed" if record.modified else "no change"
+        _info(f"  {record.step:<32} {record.seconds * 1000:7.0f} ms  {mark}")
+
+    return show
+
+
+class _Group(click.Group):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_paragraph()
+        formatter.write_text(EPILOG)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="detc", prog_name="detc")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """detc — compile object detectors for x86, ARM and CUDA, and prove the result.
+
+    \b
+    Typical use:
+      detc compile model.onnx --target x86 -o build/model
+      detc verify build/model --reference model.onnx
+      detc bench build/model --vs onnxruntime
+    """
+    ctx.ensure_object(dict)
+    if debug:
+        os.environ["DETC_DEBUG"] = "1"
+
+
+input_shape_option = click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME:DxD..",
+    help="Make a dynamic input static, e.g. images:1x3x640x640 (repeatable).",
+)
+pipeline_option = click.option(
+    "-p",
+    "--pipeline",
+    default=None,
+    metavar="PIPELINE",
+    help="Passes to run, e.g. 'fold-constants,fold-conv-bn,eliminate-dead-code' "
+    "(default: the exact passes; `detc passes` lists them; 'default' expands in place).",
+)
+config_option = click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file stating the pipeline (pipeline = \"...\" or [[passes]] tables).",
+)
+dump_option = click.option(
+    "--dump-ir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the model after each pass that changed it into this folder.",
+)
+verify_each_option = click.option(
+    "--verify-each",
+    is_flag=True,
+    help="Run onnxruntime before/after every pass; name the first exact pass that drifts.",
+)
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for detc and onnxruntime alike (default: the usable cores).",
+)
+
+
+@cli.command("import")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@input_shape_option
+def import_cmd(model: Path, output: Path, input_shapes: Sequence[str]) -> None:
+    """Load MODEL (.onnx, or a torch.export .pt2), check and normalise it, save as ONNX.
+
+    ONNX files are checked defensively: size limit, external data only inside the model's folder,
+    the ONNX checker, opset conversion into detc's range, and shape inference.
+    """
+    from detc.compiler._stats import graph_stats
+    from detc.compiler.frontend import load_model, parse_input_shapes
+
+    loaded = load_model(model, input_shapes=parse_input_shapes(input_shapes))
+    _save_model(loaded.model, output)
+    click.echo(f"{output}: {graph_stats(loaded.model)}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@pipeline_option
+@config_option
+@input_shape_option
+@dump_option
+@verify_each_option
+@click.option("--json", "as_json", is_flag=True, help="Print the pass instruments as JSON.")
+def opt(
+    model: Path,
+    output: Path,
+    pipeline: str | None,
+    config: Path | None,
+    input_shapes: Sequence[str],
+    dump_ir: Path | None,
+    verify_each: bool,
+    as_json: bool,
+) -> None:
+    """Run a pass pipeline over MODEL and write the optimised ONNX to -o.
+
+    Prints, per pass, the wall time and nodes / parameters / MACs before and after.
+    """
+    from detc.compiler.driver import optimize
+    from detc.compiler.frontend import parse_input_shapes
+
+    loaded, run = optimize(
+        model,
+        _load_pipeline(pipeline, config),
+        input_shapes=parse_input_shapes(input_shapes),
+        dump_ir=dump_ir,
+        verify_each=verify_each,
+    )
+    _save_model(loaded.model, output)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in run.records], indent=2))
+    else:
+        click.echo(run.table())
+        click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", default="x86", show_default=True, help="`detc targets` lists them.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
+@pipeline_option
+@config_option
+@input_shape_option
+@dump_option
+@verify_each_option
+@threads_option
+@click.option(
+    "--spec",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Preprocessing/decoder spec (JSON or TOML) stored in the manifest.",
+)
+@click.option("--quiet", is_flag=True, help="Print only the summary line.")
+def compile(  # noqa: A001 — the verb users type
+    model: Path,
+    target: str,
+    output: Path,
+    pipeline: str | None,
+    config: Path | None,
+    input_shapes: Sequence[str],
+    dump_ir: Path | None,
+    verify_each: bool,
+    threads: int | None,
+    spec: Path | None,
+    quiet: bool,
+) -> None:
+    """Compile MODEL for a target into the artifact folder -o.
+
+    \b
+    The artifact holds the compiled library, the parameters and manifest.json
+    (inputs/outputs, target, pipeline, versions, sha256 of MODEL). It is written
+    atomically: on failure or Ctrl-C, nothing is left at -o.
+    """
+    from detc.compiler.driver import compile_model
+    from detc.compiler.frontend import parse_input_shapes
+
+    model_spec = None
+    if spec is not None:
+        from detc.compiler.modelspec import load_spec
+
+        model_spec = load_spec(spec)
+    if not quiet:
+        _info(f"detc: compiling {model} for {target}")
+    result = compile_model(
+        model,
+        target=target,
+        out_dir=output,
+        pipeline=_load_pipeline(pipeline, config),
+        input_shapes=parse_input_shapes(input_shapes),
+        dump_ir=dump_ir,
+        verify_each=verify_each,
+        model_spec=model_spec,
+        num_threads=threads,
+        on_pass=_pass_printer(quiet),
+        progress=not quiet,
+    )
+    manifest = result.manifest
+    tuning = manifest.get("tuning", {})
+    state = "tuned" if tuning.get("tuned") else "UNTUNED (expect it to be far slower than tuned)"
+    if not quiet:
+        click.echo(result.pipeline_run.table())
+    click.echo(
+        f"wrote {output} — target {manifest['target']['name']}, kernels {state}, "
+        f"pipeline {manifest['pipeline'] or '(none)'}"
+    )
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The float reference ONNX (default: the model the artifact was compiled from).",
+)
+@click.option("--inputs", type=click.Path(dir_okay=False), default=None, help=".npz of inputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs.")
+@click.option("--runs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--emulate", is_flag=True, help="Run a cross-compiled artifact under qemu.")
+@click.option("--device", default=None, metavar="rpc://HOST:PORT", help="Run on a TVM RPC board.")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="COCO-format dataset (images/ + instances.json): verify in mAP and boxes too.",
+)
+@click.option("--decoder", default=None, help="yolov5 | yolov8 | yolox | demo | module:function")
+@click.option("--max-images", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--max-map-drop",
+    type=float,
+    default=None,
+    help="Fail (exit 3) if mAP@[.5:.95] drops by more than this many points.",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where report.json / report.md go (default: ARTIFACT/report).",
+)
+@threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print the tensor report as JSON.")
+def verify(
+    artifact: Path,
+    reference: Path | None,
+    inputs: str | None,
+    seed: int,
+    runs: int,
+    emulate: bool,
+    device: str | None,
+    data: Path | None,
+    decoder: str | None,
+    max_images: int | None,
+    max_map_drop: float | None,
+    report_dir: Path | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Check ARTIFACT against its float reference in onnxruntime (exit 3 beyond tolerance).
+
+    Tensors are compared output by output (max abs / rel error, cosine). With --data, both run on
+    every image and the report adds mAP, box agreement and score drift.
+    """
+    from detc.compiler.verify import read_manifest, verify_tensors
+
+    manifest = read_manifest(artifact)
+    ref = reference or _default_reference(manifest, artifact)
+    report = verify_tensors(
+        artifact,
+        ref,
+        inputs=inputs,
+        seed=seed,
+        runs=runs,
+        num_threads=threads,
+        emulate=emulate,
+        device=device,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"reference {ref}, inputs: {report.inputs}")
+        click.echo(report.table())
+        for note in report.notes:
+            click.echo(note)
+    failures: list[str] = []
+    if not report.ok:
+        bad = [d.name for d in report.diffs if not d.within_tolerance]
+        failures.append(f"output(s) {', '.join(bad)} beyond tolerance")
+    if data is not None:
+        failures += _verify_detection(
+            artifact, ref, manifest, data, decoder, max_images, max_map_drop, report_dir,
+            emulate=emulate, device=device, threads=threads,
+        )
+    if failures:
+        raise VerificationMismatchError(f"{artifact}: " + "; ".join(failures))
+    click.echo("verify: ok")
+
+
+def _default_reference(manifest: dict[str, Any], artifact: Path) -> Path:
+    source = (manifest.get("source") or {}).get("path")
+    if source and Path(source).is_file():
+        return Path(source)
+    raise BadInputError(f"{artifact}: give --reference MODEL.onnx (the source model is not at {source})")
+
+
+def _verify_detection(
+    artifact: Path,
+    reference: Path,
+    manifest: dict[str, Any],
+    data: Path,
+    decoder: str | None,
+    max_images: int | None,
+    max_map_drop: float | None,
+    report_dir: Path | None,
+    *,
+    emulate: bool,
+    device: str | None,
+    threads: int | None,
+) -> list[str]:
+    from detc.compiler.detection_verify import verify_detection
+
+    report = verify_detection(
+        artifact,
+        reference,
+        manifest,
+        data,
+        decoder=decoder,
+        max_images=max_images,
+        emulate=emulate,
+        device=device,
+        num_threads=threads,
+    )
+    out = report_dir or (artifact / "report")
+    report.write(out)
+    click.echo(report.render_table())
+    click.echo(f"report: {out / 'report.md'} (and report.json)")
+    if max_map_drop is not None and report.map_drop is not None and report.map_drop > max_map_drop:
+        return [f"mAP@[.5:.95] dropped {report.map_drop:.2f} points (> --max-map-drop {max_map_drop})"]
+    return []
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--vs",
+    "versus",
+    default="onnxruntime",
+    show_default=True,
+    help="'onnxruntime' (runs --reference) or another artifact folder.",
+)
+@click.option("--reference", type=click.Path(path_type=Path), default=None)
+@threads_option
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--max-ratio",
+    type=float,
+    default=None,
+    help="Fail (exit 1) if median(artifact)/median(other) exceeds this.",
+)
+def bench(
+    artifact: Path,
+    versus: str,
+    reference: Path | None,
+    threads: int | None,
+    warmup: int,
+    runs: int,
+    as_json: bool,
+    max_ratio: float | None,
+) -> None:
+    """Latency of ARTIFACT against onnxruntime (or another artifact), interleaved A/B.
+
+    Same input, same thread count, warm-up first, then runs alternate ABBA. Prints median and p90
+    of each and `ratio A/B` (below 1.0: the artifact is faster).
+    """
+    from detc.compiler.bench import bench_interleaved
+    from detc.compiler.driver import default_threads, load
+    from detc.compiler.verify import manifest_inputs, read_manifest, reference_proto
+
+    manifest = read_manifest(artifact)
+    n = threads or default_threads()
+    from detc.compiler._ort import ort_session, random_feeds, run_session
+
+    feeds = random_feeds(manifest_inputs(manifest))
+    a = load(artifact, num_threads=n)
+    if versus == "onnxruntime":
+        ref = reference or _default_reference(manifest, artifact)
+        session = ort_session(reference_proto(ref, manifest), threads=n)
+        b_name = f"onnxruntime ({Path(ref).name})"
+
+        def run_b(f: Any) -> Any:
+            return run_session(session, f)
+    else:
+        other = Path(versus)
+        if not (other / "manifest.json").is_file():
+            raise BadInputError(f"--vs {versus}: neither 'onnxruntime' nor a detc artifact folder")
+        b = load(other, num_threads=n)
+        b_name = f"detc ({other})"
+        run_b = b.run
+    result = bench_interleaved(
+        a.run, run_b, feeds, a_name=f"detc ({artifact})", b_name=b_name, threads=n,
+        warmup=warmup, runs=runs, progress=not as_json,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(result.table())
+        click.echo(f"ratio {result.ratio:.3f}")
+    if max_ratio is not None and result.ratio > max_ratio:
+        raise CheckFailedError(f"ratio {result.ratio:.3f} exceeds --max-ratio {max_ratio}")
+
+
+@cli.command()
+@click.option("-v", "--verbose", is_flag=True, help="Show each pass's options.")
+def passes(verbose: bool) -> None:
+    """List every pass: name, exact or approximate, what it does (plugins included)."""
+    from detc.compiler._pass import describe_options
+    from detc.compiler._registry import all_passes
+
+    for name, cls in all_passes().items():
+        kind = "exact" if cls.exact else "approx"
+        origin = "" if cls.__module__.startswith("detc.") else f"  [{cls.__module__}]"
+        click.echo(f"{name:<24} {kind:<7} {cls.summary()}{origin}")
+        if verbose:
+            for opt_name, kind_name, default in describe_options(cls):
+                click.echo(f"{'':<32}{opt_name}: {kind_name} = {default}")
+
+
+@cli.command()
+@click.argument("pass_name", metavar="PASS")
+@click.argument("model", type=click.Path(path_type=Path))
+@input_shape_option
+def explain(pass_name: str, model: Path, input_shapes: Sequence[str]) -> None:
+    """For every candidate node of MODEL, whether PASS fires there and, if not, why."""
+    from detc.compiler._pipeline import parse_pipeline
+    from detc.compiler.frontend import load_model, parse_input_shapes
+
+    steps = parse_pipeline(pass_name).steps
+    if len(steps) != 1:
+        raise BadInputError(f"explain takes one pass, got {len(steps)}: {pass_name!r}")
+    pass_ = steps[0].instantiate()
+    loaded = load_model(model, input_shapes=parse_input_shapes(input_shapes))
+    candidates = pass_.explain(loaded.model)
+    if not candidates:
+        click.echo(
+            f"{steps[0].name}: no per-node candidates to explain in {model} "
+            "(no anchor nodes, or the pass works on the whole graph)"
+        )
+        return
+    for cand in candidates:
+        click.echo(str(cand))
+    fires = sum(c.fires for c in candidates)
+    click.echo(f"{fires} of {len(candidates)} candidates fire")
+
+
+@cli.command()
+def targets() -> None:
+    """List compilation targets and what each enables."""
+    from detc.targets import available_targets
+
+    for info in available_targets():
+        click.echo(f"{info.name:<22} {info.description}")
+
+
+@cli.command()
+def doctor() -> None:
+    """Report every tool detc can use and what is missing for which target."""
+    from detc.targets import doctor as run_doctor
+
+    missing = 0
+    for rec in run_doctor():
+        found = rec.found or "MISSING"
+        missing += rec.found is None
+        click.echo(f"{rec.tool:<26} {found:<40} {rec.needed_for}")
+        if rec.found is None and rec.install_hint:
+            click.echo(f"{'':<26} install: {rec.install_hint}")
+    click.echo("all tools found" if not missing else f"{missing} tool(s) missing (see above)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: map detc's errors to one line on stderr and a documented exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="detc", standalone_mode=False)
+    except click.exceptions.Abort:
+        _info("detc: interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
+    except DetcError as exc:
+        if debug or os.environ.get("DETC_DEBUG"):
+            raise
+        _info(f"detc: error: {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _info("detc: interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if debug or os.environ.get("DETC_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _info(
+            f"detc: internal error: {type(exc).__name__}: {first} "
+            "(a bug in detc: rerun with --debug and report the traceback)"
+        )
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(0)
+
+
+def _register_optional_commands() -> None:
+    """Verbs whose modules are written alongside (data, demo); they register themselves."""
+    from detc.compiler import _cli_extra
+
+    _cli_extra.register(cli)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

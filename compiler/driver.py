@@ -1,0 +1,149 @@
+"""The driver: front end → passes → target, as Python functions the CLI verbs are thin over."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from detc.compiler._pipeline import (
+    DEFAULT_PIPELINE,
+    PassRecord,
+    Pipeline,
+    PipelineRun,
+    parse_pipeline,
+    run_pipeline,
+)
+from detc.compiler.frontend import LoadedModel, load_model
+
+
+def default_threads() -> int:
+    """Threads for both detc and onnxruntime when the user gives none: the usable cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def detc_version() -> str:
+    from detc import __version__
+
+    return __version__
+
+
+def _as_pipeline(pipeline: str | Pipeline | None) -> Pipeline:
+    if pipeline is None:
+        return parse_pipeline(DEFAULT_PIPELINE)
+    return parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+
+
+def _as_loaded(
+    source: str | os.PathLike[str] | LoadedModel,
+    input_shapes: Mapping[str, tuple[int, ...]] | None,
+) -> LoadedModel:
+    if isinstance(source, LoadedModel):
+        return source
+    return load_model(source, input_shapes=input_shapes)
+
+
+def optimize(
+    source: str | os.PathLike[str] | LoadedModel,
+    pipeline: str | Pipeline | None = None,
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dump_ir: Path | None = None,
+    verify_each: bool = False,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> tuple[LoadedModel, PipelineRun]:
+    """Load ``source`` and run ``pipeline`` (default: the exact passes) over it."""
+    loaded = _as_loaded(source, input_shapes)
+    # Instantiate before loading work starts so a typo in the pipeline fails fast.
+    chosen = _as_pipeline(pipeline)
+    chosen.instantiate()
+    run = run_pipeline(
+        loaded.model, chosen, dump_ir=dump_ir, verify_each=verify_each, on_pass=on_pass
+    )
+    loaded.model = run.model
+    return loaded, run
+
+
+@dataclass
+class CompileResult:
+    manifest: dict[str, Any]
+    pipeline_run: PipelineRun
+    out_dir: Path
+
+
+def _model_spec_for(loaded: LoadedModel, proto: Any, spec: Any) -> dict[str, Any] | None:
+    """The preprocessing / decoding spec stored in the manifest (explicit, else inferred)."""
+    if spec is not None:
+        return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+    try:
+        from detc.compiler.modelspec import spec_from_onnx
+    except ImportError:
+        return None
+    try:
+        return spec_from_onnx(proto).to_dict()
+    except Exception:  # a model that is not an image detector still compiles, without a spec
+        return None
+
+
+def compile_model(
+    source: str | os.PathLike[str] | LoadedModel,
+    *,
+    target: str = "x86",
+    out_dir: str | os.PathLike[str],
+    pipeline: str | Pipeline | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dump_ir: Path | None = None,
+    verify_each: bool = False,
+    model_spec: Any = None,
+    num_threads: int | None = None,
+    on_pass: Callable[[PassRecord], None] | None = None,
+    progress: bool = True,
+    target_options: Mapping[str, Any] | None = None,
+) -> CompileResult:
+    """Compile a model for ``target`` into an artifact directory (written atomically)."""
+    from detc.targets import build_artifact
+
+    loaded, run = optimize(
+        source,
+        pipeline,
+        input_shapes=input_shapes,
+        dump_ir=dump_ir,
+        verify_each=verify_each,
+        on_pass=on_pass,
+    )
+    proto = ir.serde.serialize_model(loaded.model)
+    fields: dict[str, Any] = {
+        "pipeline": str(run.pipeline),
+        "source": {
+            "path": str(loaded.path) if loaded.path else None,
+            "sha256": loaded.sha256,
+        },
+        "detc_version": detc_version(),
+        "model_spec": _model_spec_for(loaded, proto, model_spec),
+        "metadata": loaded.metadata,
+        "passes": [r.to_dict() for r in run.records],
+    }
+    manifest = build_artifact(
+        proto,
+        target,
+        Path(out_dir),
+        manifest_fields=fields,
+        num_threads=num_threads,
+        progress=progress,
+        **dict(target_options or {}),
+    )
+    return CompileResult(manifest, run, Path(out_dir))
+
+
+def load(out_dir: str | os.PathLike[str], *, num_threads: int | None = None) -> Any:
+    """A compiled artifact as a Python callable: ``load(OUT)(images=array) -> {name: array}``."""
+    from detc.targets import load_artifact
+
+    return load_artifact(Path(out_dir), num_threads=num_threads)

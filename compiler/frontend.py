@@ -1,0 +1,303 @@
+"""Front end: ONNX files (loaded defensively) and PyTorch models, into an ``onnx_ir`` model.
+
+ONNX files are untrusted input. Before anything parses them detc checks the size, refuses pickles,
+and confines external data to the model's own folder (no absolute paths, no ``..``, no symlinks
+leaving it). Then ``onnx.checker``, opset conversion into the supported range, optional static
+input shapes, and shape inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from detc.compiler._errors import BadInputError, UnsupportedModelError
+
+#: opsets detc's passes and TVM's ONNX importer are tested with; others are converted to TARGET
+MIN_OPSET, MAX_OPSET, TARGET_OPSET = 11, 21, 17
+#: refuse bigger files unless DETC_MAX_MODEL_BYTES says otherwise (protobuf's own limit is 2 GiB)
+DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3
+
+_PICKLE_HINT = (
+    "detc never unpickles PyTorch files (a pickle can run arbitrary code): export the model "
+    "with torch.export.save(...) to a .pt2 file, or to ONNX with torch.onnx.export(...)"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the pass manager, with what the manifest records about its origin."""
+
+    model: ir.Model
+    path: Path | None
+    sha256: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["images:1x3x640x640"]`` → ``{"images": (1, 3, 640, 640)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+            raise BadInputError(
+                f"--input-shape {spec!r}: expected NAME:DxDx..., e.g. images:1x3x640x640"
+            )
+        shapes[name] = tuple(int(d) for d in dims.split("x"))
+    return shapes
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sniff(path: Path) -> None:
+    """Refuse pickles and zip archives (torch.save checkpoints) before protobuf sees them."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        raise BadInputError(f"{path}: this is a Python pickle (a torch.save file?); {_PICKLE_HINT}")
+    if head.startswith(b"PK\x03\x04"):
+        raise BadInputError(
+            f"{path}: this is a zip archive (a torch.save checkpoint?), not ONNX; {_PICKLE_HINT}"
+        )
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base = path.parent.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: initializer '{tensor.name}' has external data '{location}'"
+        if not location or os.path.isabs(location) or Path(location).drive:
+            raise BadInputError(f"{where}: absolute or empty paths are refused")
+        if ".." in Path(location).parts:
+            raise BadInputError(f"{where}: paths leaving the model's folder are refused")
+        resolved = (base / location).resolve()
+        if not resolved.is_relative_to(base):
+            raise BadInputError(f"{where}: it resolves outside the model's folder (a symlink?)")
+        if not resolved.is_file():
+            raise BadInputError(f"{where}: file not found beside the model")
+
+
+def _convert_opset(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or MIN_OPSET <= opset <= MAX_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{path}: opset {opset} is outside detc's range {MIN_OPSET}–{MAX_OPSET} and could not "
+            f"be converted to {TARGET_OPSET} ({str(exc).splitlines()[0]}); re-export the model "
+            f"with opset {TARGET_OPSET}"
+        ) from None
+
+
+def _apply_input_shapes(
+    model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], path: str
+) -> None:
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise BadInputError(
+                f"{path}: --input-shape names '{name}', but the model's inputs are "
+                f"{', '.join(inputs) or 'none'}"
+            )
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise BadInputError(
+                f"{path}: --input-shape {name}:{'x'.join(map(str, dims))} has {len(dims)} dims, "
+                f"the input has {len(shape.dim)}"
+            )
+        for dim, size in zip(shape.dim, dims, strict=True):
+            if dim.HasField("dim_value") and dim.dim_value not in (0, size):
+                raise BadInputError(
+                    f"{path}: input '{name}' has a fixed size {dim.dim_value} where "
+                    f"--input-shape asks for {size}"
+                )
+            dim.Clear()
+            dim.dim_value = size
+    if shapes:
+        # Intermediate shapes inferred for the old dynamic sizes would now be wrong.
+        del model.graph.value_info[:]
+
+
+def load_onnx_proto(
+    path: str | os.PathLike[str],
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_bytes: int | None = None,
+) -> tuple[onnx.ModelProto, str]:
+    """Load, check and normalise an ONNX file; returns the proto and the file's sha256."""
+    file = Path(path)
+    if not file.exists():
+        raise BadInputError(f"{file}: no such file")
+    if not file.is_file():
+        raise BadInputError(f"{file}: not a regular file")
+    limit = max_bytes or int(os.environ.get("DETC_MAX_MODEL_BYTES", DEFAULT_MAX_MODEL_BYTES))
+    size = file.stat().st_size
+    if size > limit:
+        raise BadInputError(
+            f"{file}: {size:,} bytes is over the {limit:,}-byte limit; store weights as external "
+            "data or raise DETC_MAX_MODEL_BYTES"
+        )
+    if size == 0:
+        raise BadInputError(f"{file}: the file is empty")
+    if file.suffix == ".pt2":
+        raise BadInputError(f"{file}: a torch.export archive; use detc.compiler.load_pt2 / detc import")
+    _sniff(file)
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise BadInputError(
+            f"{file}: not a valid ONNX model (protobuf parse failed: {str(exc).splitlines()[0]}); "
+            "is the file truncated or of another format?"
+        ) from None
+    if not model.graph.node and not model.graph.output:
+        raise BadInputError(f"{file}: parsed as protobuf but holds no ONNX graph (not an ONNX file?)")
+    _check_external_data(model, file)
+    try:
+        onnx.load_external_data_for_model(model, str(file.parent))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{file}: external data could not be read ({exc})") from None
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BadInputError(
+            f"{file}: the ONNX checker rejects this model ({first}); is it truncated?"
+        ) from None
+    sha = _sha256(file)
+    model = _convert_opset(model, str(file))
+    if input_shapes:
+        _apply_input_shapes(model, input_shapes, str(file))
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # shape inference fails on some valid models; passes cope without it
+        if input_shapes:
+            raise BadInputError(
+                f"{file}: shape inference failed with the given --input-shape "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
+    return model, sha
+
+
+def load_onnx(
+    path: str | os.PathLike[str],
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_bytes: int | None = None,
+) -> LoadedModel:
+    """The ONNX front end: a checked, normalised model as ``onnx_ir``, with its metadata."""
+    proto, sha = load_onnx_proto(path, input_shapes=input_shapes, max_bytes=max_bytes)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    return LoadedModel(ir.serde.deserialize_model(proto), Path(path), sha, metadata)
+
+
+# --- PyTorch -------------------------------------------------------------------------------------
+
+
+def _export_torch(
+    program_or_module: Any,
+    example_inputs: tuple[Any, ...],
+    *,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    opset: int,
+) -> onnx.ModelProto:
+    import torch
+
+    try:
+        exported = torch.onnx.export(
+            program_or_module,
+            example_inputs,
+            input_names=list(input_names) if input_names else None,
+            output_names=list(output_names) if output_names else None,
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    if exported is None:
+        raise UnsupportedModelError("torch.onnx.export returned no program")
+    return exported.model_proto
+
+
+def from_torch(
+    module: Any,
+    example_inputs: tuple[Any, ...],
+    *,
+    input_names: Sequence[str] | None = ("images",),
+    output_names: Sequence[str] | None = None,
+    opset: int = TARGET_OPSET,
+) -> LoadedModel:
+    """An ``nn.Module`` and example inputs → a checked model, via ``torch.export`` + ONNX export."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise BadInputError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
+    module = module.eval()
+    proto = _export_torch(
+        module, tuple(example_inputs), input_names=input_names, output_names=output_names, opset=opset
+    )
+    digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    return LoadedModel(ir.serde.deserialize_model(proto), None, digest, {})
+
+
+def load_pt2(path: str | os.PathLike[str], *, opset: int = TARGET_OPSET) -> LoadedModel:
+    """A ``torch.export.save`` archive (.pt2) → a checked model. Never ``torch.load``."""
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise BadInputError(f"{file}: no such file")
+    if file.suffix != ".pt2":
+        raise BadInputError(f"{file}: expected a .pt2 file written by torch.export.save")
+    try:
+        program = torch.export.load(str(file))
+    except Exception as exc:
+        raise BadInputError(
+            f"{file}: not a torch.export archive ({str(exc).strip().splitlines()[0]}); "
+            f"{_PICKLE_HINT}"
+        ) from None
+    example = program.example_inputs[0] if program.example_inputs else None
+    if example is None:
+        raise BadInputError(f"{file}: the archive carries no example inputs to export with")
+    proto = _export_torch(program, tuple(example), input_names=None, output_names=None, opset=opset)
+    return LoadedModel(ir.serde.deserialize_model(proto), file, _sha256(file), {})
+
+
+def load_model(
+    path: str | os.PathLike[str], *, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> LoadedModel:
+    """Dispatch on the file type: ``.pt2`` through torch.export, anything else as ONNX."""
+    file = Path(path)
+    if file.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin") and file.is_file():
+        raise BadInputError(f"{file}: a pickled PyTorch file; {_PICKLE_HINT}")
+    if file.suffix == ".pt2":
+        loaded = load_pt2(file)
+        if input_shapes:
+            raise BadInputError(f"{file}: --input-shape applies to ONNX files; .pt2 shapes are fixed")
+        return loaded
+    return load_onnx(file, input_shapes=input_shapes)

@@ -1,0 +1,1 @@
+"""Hand-written TVM kernels and schedules (int8 conv/matmul, NMS, ...). Imports TVM."""

@@ -1,0 +1,27 @@
+"""Built-in passes, one per file. Each module defines one :class:`detc.compiler.DetcPass`."""
+
+from __future__ import annotations
+
+from detc.passes.eliminate_dead_code import EliminateDeadCodePass
+from detc.passes.fold_constants import FoldConstantsPass
+from detc.passes.fold_conv_bn import FoldConvBatchNormPass
+from detc.passes.fold_conv_mul_add import FoldConvMulAddPass
+from detc.passes.remove_identity import RemoveIdentityPass
+
+#: every built-in pass; the registry adds plugins from the entry-point group ``detc.passes``
+BUILTIN_PASSES = (
+    EliminateDeadCodePass,
+    FoldConstantsPass,
+    FoldConvBatchNormPass,
+    FoldConvMulAddPass,
+    RemoveIdentityPass,
+)
+
+__all__ = [
+    "BUILTIN_PASSES",
+    "EliminateDeadCodePass",
+    "FoldConstantsPass",
+    "FoldConvBatchNormPass",
+    "FoldConvMulAddPass",
+    "RemoveIdentityPass",
+]
