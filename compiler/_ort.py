@@ -45,7 +45,16 @@ def graph_io(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]
 
 
 def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
-    return ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    """A self-contained proto: weights a loaded model keeps in external files are read in."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    ):
+        # onnxruntime refuses external paths outside its working directory, and an in-memory
+        # session has none: serialise with the bytes inline instead (on a copy).
+        model = ir.external_data.load_to_model(model.clone())
+    return ir.serde.serialize_model(model)
 
 
 def ort_session(model: ir.Model | onnx.ModelProto | bytes, *, threads: int = 0, optimize: bool = True):
