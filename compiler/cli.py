@@ -8,6 +8,7 @@ interrupted. Errors are one line on stderr; ``--debug`` (or DETC_DEBUG=1) adds t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -101,6 +102,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)
     if debug:
         os.environ["DETC_DEBUG"] = "1"
+    # Library modules report progress through `logging` ("detc.*"); the CLI shows it on stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    detc_logger = logging.getLogger("detc")
+    detc_logger.handlers[:] = [handler]
+    detc_logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    detc_logger.propagate = False
 
 
 input_shape_option = click.option(
@@ -474,7 +482,6 @@ def bench(
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(result.table())
-        click.echo(f"ratio {result.ratio:.3f}")
     if max_ratio is not None and result.ratio > max_ratio:
         raise CheckFailedError(f"ratio {result.ratio:.3f} exceeds --max-ratio {max_ratio}")
 
@@ -539,11 +546,12 @@ def doctor() -> None:
     missing = 0
     for rec in run_doctor():
         found = rec.found or "MISSING"
-        missing += rec.found is None
-        click.echo(f"{rec.tool:<26} {found:<40} {rec.needed_for}")
+        missing += rec.found is None and not rec.needed_for.startswith("optional")
+        click.echo(f"{rec.tool:<32} {found}")
+        click.echo(f"{'':<32}   for: {rec.needed_for}")
         if rec.found is None and rec.install_hint:
-            click.echo(f"{'':<26} install: {rec.install_hint}")
-    click.echo("all tools found" if not missing else f"{missing} tool(s) missing (see above)")
+            click.echo(f"{'':<32}   install: {rec.install_hint}")
+    click.echo("every required tool found" if not missing else f"{missing} tool(s) missing (see above)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

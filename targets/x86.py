@@ -1,0 +1,111 @@
+"""x86-64 CPUs through LLVM: ``x86`` (the CPU detc runs on) or ``x86:<mcpu>`` (a named CPU).
+
+Differs from the base target only in the TVM target JSON (``mcpu`` from /proc/cpuinfo, never
+"native", which LLVM 22 here refuses) and in needing a host C compiler to link ``model.so``.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from detc.compiler._errors import BadInputError, ToolchainMissingError
+from detc.targets._base import Target, TargetInfo, register_target
+from detc.targets._cpu import REQUIRED_FLAGS, HostCpu, detect_host_cpu, missing_flags
+
+_EXAMPLE_MCPUS = ("znver3", "znver4", "skylake-avx512", "haswell", "x86-64-v3")
+
+
+def _is_x86_host() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+@register_target
+class X86Target(Target):
+    family = "x86"
+    machine = "x86_64"
+
+    def __init__(self, name: str, mcpu: str, host: HostCpu) -> None:
+        super().__init__(name)
+        self.mcpu = mcpu
+        self.host = host
+
+    @classmethod
+    def from_variant(cls, variant: str | None) -> X86Target:
+        if not _is_x86_host():
+            raise BadInputError(
+                f"target x86 needs an x86_64 machine to build on (this is {platform.machine()})"
+            )
+        host = detect_host_cpu()
+        if variant is None:
+            return cls("x86", host.mcpu, host)
+        mcpu = variant.strip().lower()
+        if mcpu == "native":
+            raise BadInputError(
+                "target 'x86:native' is refused by LLVM 22; use 'x86' (detects this CPU, "
+                f"here {host.mcpu}) or name a CPU, e.g. x86:{_EXAMPLE_MCPUS[0]}"
+            )
+        if not _llvm_knows_x86_cpu(mcpu):
+            raise BadInputError(
+                f"unknown x86 CPU '{variant}' in target 'x86:{variant}'; use an LLVM CPU name "
+                f"such as {', '.join(_EXAMPLE_MCPUS)} (detc targets lists them)"
+            )
+        return cls(f"x86:{mcpu}", mcpu, host)
+
+    @classmethod
+    def infos(cls) -> list[TargetInfo]:
+        if not _is_x86_host():
+            return [
+                TargetInfo(
+                    name="x86",
+                    description=f"x86-64 CPUs (not buildable here: this is {platform.machine()})",
+                    enables="LLVM x86-64 code; build on an x86_64 machine",
+                )
+            ]
+        host = detect_host_cpu()
+        known = ", ".join(sorted(REQUIRED_FLAGS))
+        return [
+            TargetInfo(
+                name="x86",
+                description=f"this machine's CPU ({host.model_name})",
+                enables=(
+                    f"LLVM mcpu={host.mcpu} ({host.mcpu_reason}), "
+                    f"{host.physical_cores} physical core(s)"
+                ),
+            ),
+            TargetInfo(
+                name="x86:<mcpu>",
+                description="a named x86-64 CPU, to build for another machine",
+                enables=f"LLVM mcpu=<mcpu>; detc knows the features of: {known}",
+            ),
+        ]
+
+    def tvm_target_json(self, num_threads: int) -> dict[str, Any]:
+        return {"kind": "llvm", "mcpu": self.mcpu, "num-cores": num_threads}
+
+    def host_cpu(self) -> dict[str, Any]:
+        described = self.host.as_manifest()
+        described["runs_here"] = not missing_flags(self.mcpu, self.host.flags)
+        return described
+
+    def default_num_threads(self) -> int:
+        return self.host.physical_cores
+
+    def check_toolchain(self) -> None:
+        from tvm.support.cc import get_cc
+
+        if get_cc() is None:
+            raise ToolchainMissingError(
+                "no C compiler found to link model.so (tried $CXX, $CC, g++, gcc, clang); "
+                "install gcc (e.g. apt-get install g++)"
+            )
+
+
+def _llvm_knows_x86_cpu(mcpu: str) -> bool:
+    import tvm
+    from tvm.target import codegen
+
+    if mcpu in REQUIRED_FLAGS:
+        return True
+    archlist = codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"}))
+    return mcpu in {str(name) for name in archlist}
