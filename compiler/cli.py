@@ -365,11 +365,11 @@ def verify(
     if data is not None:
         failures += _verify_detection(
             artifact, ref, manifest, data, decoder, max_images, max_map_drop, report_dir,
-            emulate=emulate, device=device, threads=threads,
+            emulate=emulate, device=device, threads=threads, as_json=as_json,
         )
     if failures:
         raise VerificationMismatchError(f"{artifact}: " + "; ".join(failures))
-    click.echo("verify: ok")
+    click.echo("verify: ok", err=as_json)  # with --json, stdout holds only the JSON
 
 
 def _default_reference(manifest: dict[str, Any], artifact: Path) -> Path:
@@ -392,6 +392,7 @@ def _verify_detection(
     emulate: bool,
     device: str | None,
     threads: int | None,
+    as_json: bool,
 ) -> list[str]:
     from detc.compiler.detection_verify import verify_detection
 
@@ -408,8 +409,8 @@ def _verify_detection(
     )
     out = report_dir or (artifact / "report")
     report.write(out)
-    click.echo(report.render_table())
-    click.echo(f"report: {out / 'report.md'} (and report.json)")
+    click.echo(report.render_table(), err=as_json)
+    click.echo(f"report: {out / 'report.md'} (and report.json)", err=as_json)
     if max_map_drop is not None and report.map_drop is not None and report.map_drop > max_map_drop:
         return [f"mAP@[.5:.95] dropped {report.map_drop:.2f} points (> --max-map-drop {max_map_drop})"]
     return []

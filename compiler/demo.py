@@ -1,0 +1,157 @@
+"""``detc demo``: the whole job on the detector detc ships — compile, verify in mAP, benchmark."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detc.compiler._cache import cache_dir
+from detc.compiler._errors import BadInputError
+
+DEMO_ONNX = "demo_detector.onnx"
+DEMO_SPEC = "demo_detector.json"
+
+
+def demo_asset_paths() -> tuple[Path, Path]:
+    """The shipped demo detector and its spec (inside the installed package)."""
+    assets = Path(str(importlib.resources.files("detc.compiler") / "assets"))
+    onnx_path, spec_path = assets / DEMO_ONNX, assets / DEMO_SPEC
+    if not onnx_path.is_file() or not spec_path.is_file():
+        raise BadInputError(
+            f"{assets}: the demo detector is missing from this installation; "
+            "train it with `detc demo train -o DIR`"
+        )
+    return onnx_path, spec_path
+
+
+def demo_validation_set(spec_record: dict[str, Any], n_images: int | None = None) -> Path:
+    """The demo's held-out synthetic validation split, generated once into the cache."""
+    from detc.compiler.synth import generate_dataset
+
+    synth = spec_record.get("synth") or {}
+    size = int(synth.get("image_size", spec_record["input_size"][0]))
+    seed = int(synth.get("val_seed", 1))
+    n = int(n_images or synth.get("n_val", 64))
+    where = cache_dir() / "demo" / f"val-seed{seed}-n{n}-{size}px"
+    if not (where / "instances.json").is_file():
+        generate_dataset(where, n, seed, size)
+    return where
+
+
+@dataclass
+class DemoSummary:
+    artifact: Path
+    report: Path
+    map_reference: float
+    map_compiled: float
+    map50_reference: float
+    map50_compiled: float
+    ort_ms: float
+    detc_ms: float
+    ratio: float
+    threads: int
+    tuned: bool
+    tensors_ok: bool
+    seconds: float
+
+    def table(self) -> str:
+        state = "tuned" if self.tuned else "untuned"
+        return "\n".join(
+            [
+                "",
+                f"{'demo detector':<26}{'onnxruntime':>14}{'detc (' + state + ')':>20}",
+                f"{'mAP@[.5:.95]':<26}{self.map_reference:>14.3f}{self.map_compiled:>20.3f}",
+                f"{'mAP@.5':<26}{self.map50_reference:>14.3f}{self.map50_compiled:>20.3f}",
+                f"{'latency (median)':<26}{self.ort_ms:>12.2f}ms{self.detc_ms:>18.2f}ms",
+                f"ratio detc/onnxruntime {self.ratio:.3f} ({self.threads} threads); "
+                f"tensors {'match' if self.tensors_ok else 'MISMATCH'}; "
+                f"done in {self.seconds:.0f} s",
+                f"artifact: {self.artifact}",
+                f"report:   {self.report / 'report.md'}",
+            ]
+        )
+
+
+def run_demo(
+    out_dir: Path,
+    *,
+    n_images: int | None = None,
+    threads: int | None = None,
+    bench_runs: int = 20,
+    log: Callable[[str], None] = print,
+) -> DemoSummary:
+    """Compile the shipped demo detector for this CPU, verify it, benchmark it against onnxruntime."""
+    from detc.compiler._ort import ort_session, run_session
+    from detc.compiler.bench import bench_interleaved
+    from detc.compiler.detection_verify import verify_detection
+    from detc.compiler.driver import compile_model, default_threads, load
+    from detc.compiler.modelspec import load_spec
+    from detc.compiler.verify import read_manifest, verify_tensors
+
+    started = time.perf_counter()
+    n_threads = threads or default_threads()
+    onnx_path, spec_path = demo_asset_paths()
+    spec_record = json.loads(spec_path.read_text())
+    log(f"[1/4] synthetic validation set ({spec_record.get('synth', {}).get('n_val', '?')} images)")
+    val_dir = demo_validation_set(spec_record, n_images)
+    artifact = Path(out_dir) / "artifact"
+    log(f"[2/4] compiling {onnx_path.name} for this CPU (x86) → {artifact}")
+    result = compile_model(
+        onnx_path,
+        target="x86",
+        out_dir=artifact,
+        model_spec=load_spec(spec_path),
+        num_threads=n_threads,
+        progress=True,
+    )
+    log(f"      {result.pipeline_run.records[0].before} → {result.pipeline_run.records[-1].after}")
+    log("[3/4] verifying against onnxruntime: tensors, then mAP and boxes on every image")
+    tensors = verify_tensors(artifact, onnx_path, num_threads=n_threads)
+    manifest = read_manifest(artifact)
+    report = verify_detection(artifact, onnx_path, manifest, val_dir, num_threads=n_threads)
+    report_dir = Path(out_dir) / "report"
+    report.write(report_dir)
+    log("[4/4] benchmarking against onnxruntime (interleaved, same threads)")
+    compiled = load(artifact, num_threads=n_threads)
+    session = ort_session(onnx_path.read_bytes(), threads=n_threads)
+    feeds = {spec_record["input_name"]: next(iter(report_feeds(val_dir, spec_path)))}
+    bench = bench_interleaved(
+        compiled.run,
+        lambda f: run_session(session, f),
+        feeds,
+        a_name="detc",
+        b_name="onnxruntime",
+        threads=n_threads,
+        runs=bench_runs,
+    )
+    reference, candidate = report.reference.metrics, report.candidate.metrics  # type: ignore[union-attr]
+    return DemoSummary(
+        artifact=artifact,
+        report=report_dir,
+        map_reference=reference.map,
+        map_compiled=candidate.map,
+        map50_reference=reference.map50,
+        map50_compiled=candidate.map50,
+        ort_ms=bench.to_dict()["b"]["median_ms"],
+        detc_ms=bench.to_dict()["a"]["median_ms"],
+        ratio=bench.ratio,
+        threads=n_threads,
+        tuned=bool(manifest.get("tuning", {}).get("tuned")),
+        tensors_ok=tensors.ok,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def report_feeds(val_dir: Path, spec_path: Path):
+    """Preprocessed input tensors of the validation images (a real image for the benchmark)."""
+    from detc.compiler.datasets import CocoDataset
+    from detc.compiler.modelspec import load_spec
+
+    spec = load_spec(spec_path)
+    for sample in CocoDataset(val_dir, spec).samples(spec, 1):
+        yield sample.tensor
