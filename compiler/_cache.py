@@ -1,4 +1,4 @@
-"""Where detc keeps what outlives a run: tuning databases, emulation roots, demo data, reproducers."""
+"""Where detc keeps what outlives a run: tuning databases, emulation roots, demo data."""
 
 from __future__ import annotations
 

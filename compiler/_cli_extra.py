@@ -38,8 +38,13 @@ def data_synth(n_images: int, output: Path, seed: int, image_size: int) -> None:
 )
 @click.option("--images", type=click.IntRange(min=1), default=None, help="Validation images.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
-@click.option("--max-map-drop", type=float, default=0.5, show_default=True,
-              help="Fail (exit 3) if the compiled mAP@[.5:.95] drops more (points).")
+@click.option(
+    "--max-map-drop",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fail (exit 3) if the compiled mAP@[.5:.95] drops more (points).",
+)
 @click.pass_context
 def demo_group(
     ctx: click.Context, output: Path, images: int | None, threads: int | None, max_map_drop: float
@@ -54,7 +59,9 @@ def demo_group(
         return
     from detc.compiler.demo import run_demo
 
-    summary = run_demo(output, n_images=images, threads=threads, log=lambda m: click.echo(m, err=True))
+    summary = run_demo(
+        output, n_images=images, threads=threads, log=lambda m: click.echo(m, err=True)
+    )
     click.echo(summary.table())
     if not summary.tensors_ok:
         raise VerificationMismatchError(f"{summary.artifact}: output tensors beyond tolerance")
@@ -69,8 +76,12 @@ def demo_group(
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--seed", type=int, default=None, help="Training seed (default: the recipe's).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--min-map50", type=float, default=None,
-              help="Fail (exit 1) if the held-out mAP@0.5 ends below this.")
+@click.option(
+    "--min-map50",
+    type=float,
+    default=None,
+    help="Fail (exit 1) if the held-out mAP@0.5 ends below this.",
+)
 def demo_train(output: Path, seed: int | None, epochs: int | None, min_map50: float | None) -> None:
     """Train the demo detector on synthetic data (CPU) and export it un-fused to -o."""
     from detc.compiler.demo_train import train_demo
@@ -83,7 +94,9 @@ def demo_train(output: Path, seed: int | None, epochs: int | None, min_map50: fl
         f"{result.gflops:.2f} GFLOPs, {result.seconds:.0f} s"
     )
     if min_map50 is not None and result.map50_val < min_map50:
-        raise CheckFailedError(f"val mAP@0.5 {result.map50_val:.3f} is below --min-map50 {min_map50}")
+        raise CheckFailedError(
+            f"val mAP@0.5 {result.map50_val:.3f} is below --min-map50 {min_map50}"
+        )
 
 
 def register(cli: click.Group) -> None:

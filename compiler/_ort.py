@@ -48,16 +48,16 @@ def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
     """A self-contained proto: weights a loaded model keeps in external files are read in."""
     if isinstance(model, onnx.ModelProto):
         return model
-    if any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-    ):
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
         # onnxruntime refuses external paths outside its working directory, and an in-memory
         # session has none: serialise with the bytes inline instead (on a copy).
         model = ir.external_data.load_to_model(model.clone())
     return ir.serde.serialize_model(model)
 
 
-def ort_session(model: ir.Model | onnx.ModelProto | bytes, *, threads: int = 0, optimize: bool = True):
+def ort_session(
+    model: ir.Model | onnx.ModelProto | bytes, *, threads: int = 0, optimize: bool = True
+):
     """An onnxruntime CPU session. ``threads=0`` lets onnxruntime choose."""
     import onnxruntime as ort
 
@@ -77,7 +77,7 @@ def run_session(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
 
 
 def random_feeds(inputs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs: floats uniform in [0, 1) (an image-like range), integers small and non-negative."""
+    """Seeded inputs: floats uniform in [0, 1) (image-like), integers small and non-negative."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
@@ -95,7 +95,9 @@ def random_feeds(inputs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.nd
         elif dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
         else:
-            raise BadInputError(f"input '{spec.name}': dtype {dtype} is not supported for random inputs")
+            raise BadInputError(
+                f"input '{spec.name}': dtype {dtype} is not supported for random inputs"
+            )
     return feeds
 
 

@@ -96,7 +96,7 @@ class DetcPass(onnx_ir.passes.InPlacePass):
         if not isinstance(getattr(cls, "exact", None), bool):
             raise BadInputError(f"pass class {where} ({name}): declare `exact = True/False`")
         if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):  # type: ignore[attr-defined]
-            raise BadInputError(f"pass class {where} ({name}): `Options` must be a frozen dataclass")
+            raise BadInputError(f"pass class {where} ({name}): `Options` must be frozen dataclass")
 
     @classmethod
     def from_text_options(cls, raw: Iterable[tuple[str, str]]) -> DetcPass:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import onnx_ir as ir
+import tomllib
 
 from detc.compiler._cache import cache_dir
 from detc.compiler._errors import BadInputError, DetcError, PassError, VerificationMismatchError
@@ -163,7 +163,7 @@ def _toml_value_text(value: Any) -> str:
 
 
 def pipeline_from_config(config: Mapping[str, Any], source: str = "config") -> Pipeline | None:
-    """The pipeline a TOML config states, either as ``pipeline = "..."`` or as ``[[passes]]`` tables.
+    """The pipeline a TOML config states: ``pipeline = "..."`` or ``[[passes]]`` tables.
 
     ``[[passes]]`` entries are ``{name = "lowrank", energy = 0.95}``: every key but ``name`` is an
     option. Both forms give the same :class:`Pipeline` as the equivalent ``-p`` text.
@@ -171,10 +171,10 @@ def pipeline_from_config(config: Mapping[str, Any], source: str = "config") -> P
     text = config.get("pipeline")
     tables = config.get("passes")
     if text is not None and tables is not None:
-        raise BadInputError(f"{source}: give either `pipeline = \"...\"` or [[passes]], not both")
+        raise BadInputError(f'{source}: give either `pipeline = "..."` or [[passes]], not both')
     if text is not None:
         if not isinstance(text, str):
-            raise BadInputError(f"{source}: `pipeline` must be a string like \"fold-conv-bn,...\"")
+            raise BadInputError(f'{source}: `pipeline` must be a string like "fold-conv-bn,..."')
         return parse_pipeline(text)
     if tables is None:
         return None

@@ -1,4 +1,4 @@
-"""The pass registry: built-in passes plus third-party ones from the entry-point group ``detc.passes``.
+"""The pass registry: built-in passes plus plugins from the entry-point group ``detc.passes``.
 
 A plugin package declares, in its pyproject::
 

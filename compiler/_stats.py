@@ -34,7 +34,7 @@ def _dims(value: ir.Value | None) -> list[int] | None:
 
 
 def node_macs(node: ir.Node) -> int:
-    """Multiply-accumulates of one Conv / ConvTranspose / Gemm / MatMul with static shapes, else 0."""
+    """Multiply-accumulates of a Conv / ConvTranspose / Gemm / MatMul with static shapes, else 0."""
     if node.domain not in ("", "ai.onnx"):
         return 0
     op = node.op_type

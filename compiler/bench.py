@@ -59,8 +59,10 @@ class BenchResult:
     def table(self) -> str:
         rows = [
             f"{'':<28} {'median':>10} {'p90':>10}",
-            f"{self.a_name[:28]:<28} {self._median(self.a_ms):>8.2f}ms {self._p90(self.a_ms):>8.2f}ms",
-            f"{self.b_name[:28]:<28} {self._median(self.b_ms):>8.2f}ms {self._p90(self.b_ms):>8.2f}ms",
+            *(
+                f"{name[:28]:<28} {self._median(ms):>8.2f}ms {self._p90(ms):>8.2f}ms"
+                for name, ms in ((self.a_name, self.a_ms), (self.b_name, self.b_ms))
+            ),
             f"ratio {self.ratio:.3f}  ({self.a_name} / {self.b_name}, {self.threads} threads, "
             f"{len(self.a_ms)} interleaved runs each)",
         ]

@@ -130,7 +130,7 @@ config_option = click.option(
     "--config",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="TOML file stating the pipeline (pipeline = \"...\" or [[passes]] tables).",
+    help='TOML file stating the pipeline (pipeline = "..." or [[passes]] tables).',
 )
 dump_option = click.option(
     "--dump-ir",
@@ -227,7 +227,7 @@ def opt(
     help="Preprocessing/decoder spec (JSON or TOML) stored in the manifest.",
 )
 @click.option("--quiet", is_flag=True, help="Print only the summary line.")
-def compile(  # noqa: A001 — the verb users type
+def compile(
     model: Path,
     target: str,
     output: Path,
@@ -364,8 +364,18 @@ def verify(
         failures.append(f"output(s) {', '.join(bad)} beyond tolerance")
     if data is not None:
         failures += _verify_detection(
-            artifact, ref, manifest, data, decoder, max_images, max_map_drop, report_dir,
-            emulate=emulate, device=device, threads=threads, as_json=as_json,
+            artifact,
+            ref,
+            manifest,
+            data,
+            decoder,
+            max_images,
+            max_map_drop,
+            report_dir,
+            emulate=emulate,
+            device=device,
+            threads=threads,
+            as_json=as_json,
         )
     if failures:
         raise VerificationMismatchError(f"{artifact}: " + "; ".join(failures))
@@ -376,7 +386,9 @@ def _default_reference(manifest: dict[str, Any], artifact: Path) -> Path:
     source = (manifest.get("source") or {}).get("path")
     if source and Path(source).is_file():
         return Path(source)
-    raise BadInputError(f"{artifact}: give --reference MODEL.onnx (the source model is not at {source})")
+    raise BadInputError(
+        f"{artifact}: give --reference MODEL.onnx (the source model is not at {source})"
+    )
 
 
 def _verify_detection(
@@ -412,7 +424,9 @@ def _verify_detection(
     click.echo(report.render_table(), err=as_json)
     click.echo(f"report: {out / 'report.md'} (and report.json)", err=as_json)
     if max_map_drop is not None and report.map_drop is not None and report.map_drop > max_map_drop:
-        return [f"mAP@[.5:.95] dropped {report.map_drop:.2f} points (> --max-map-drop {max_map_drop})"]
+        return [
+            f"mAP@[.5:.95] dropped {report.map_drop:.2f} points (> --max-map-drop {max_map_drop})"
+        ]
     return []
 
 
@@ -476,8 +490,15 @@ def bench(
         b_name = f"detc ({other})"
         run_b = b.run
     result = bench_interleaved(
-        a.run, run_b, feeds, a_name=f"detc ({artifact})", b_name=b_name, threads=n,
-        warmup=warmup, runs=runs, progress=not as_json,
+        a.run,
+        run_b,
+        feeds,
+        a_name=f"detc ({artifact})",
+        b_name=b_name,
+        threads=n,
+        warmup=warmup,
+        runs=runs,
+        progress=not as_json,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -552,7 +573,9 @@ def doctor() -> None:
         click.echo(f"{'':<32}   for: {rec.needed_for}")
         if rec.found is None and rec.install_hint:
             click.echo(f"{'':<32}   install: {rec.install_hint}")
-    click.echo("every required tool found" if not missing else f"{missing} tool(s) missing (see above)")
+    click.echo(
+        "every required tool found" if not missing else f"{missing} tool(s) missing (see above)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -85,7 +85,7 @@ def run_demo(
     bench_runs: int = 20,
     log: Callable[[str], None] = print,
 ) -> DemoSummary:
-    """Compile the shipped demo detector for this CPU, verify it, benchmark it against onnxruntime."""
+    """Compile the shipped demo detector for this CPU, verify it, benchmark it vs onnxruntime."""
     from detc.compiler._ort import ort_session, run_session
     from detc.compiler.bench import bench_interleaved
     from detc.compiler.detection_verify import verify_detection

@@ -52,7 +52,7 @@ def verify_detection(
     num_threads: int | None = None,
     progress: bool = True,
 ) -> DetectionReport:
-    """Run both on every image of a COCO-format dataset; mAP of each, box agreement, tensor diffs."""
+    """Run both on every image of a COCO dataset: mAP of each, box agreement, tensor diffs."""
     ref_proto = reference_proto(reference, manifest)
     spec = _spec_for(manifest, ref_proto, decoder)
     dataset = CocoDataset(Path(data), spec)

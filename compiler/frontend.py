@@ -161,7 +161,9 @@ def load_onnx_proto(
     if size == 0:
         raise BadInputError(f"{file}: the file is empty")
     if file.suffix == ".pt2":
-        raise BadInputError(f"{file}: a torch.export archive; use detc.compiler.load_pt2 / detc import")
+        raise BadInputError(
+            f"{file}: a torch.export archive; use detc.compiler.load_pt2 / detc import"
+        )
     _sniff(file)
     try:
         model = onnx.load(str(file), load_external_data=False)
@@ -171,7 +173,9 @@ def load_onnx_proto(
             "is the file truncated or of another format?"
         ) from None
     if not model.graph.node and not model.graph.output:
-        raise BadInputError(f"{file}: parsed as protobuf but holds no ONNX graph (not an ONNX file?)")
+        raise BadInputError(
+            f"{file}: parsed as protobuf but holds no ONNX graph (not an ONNX file?)"
+        )
     _check_external_data(model, file)
     try:
         onnx.load_external_data_for_model(model, str(file.parent))
@@ -259,7 +263,11 @@ def from_torch(
         raise BadInputError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
     module = module.eval()
     proto = _export_torch(
-        module, tuple(example_inputs), input_names=input_names, output_names=output_names, opset=opset
+        module,
+        tuple(example_inputs),
+        input_names=input_names,
+        output_names=output_names,
+        opset=opset,
     )
     digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
     return LoadedModel(ir.serde.deserialize_model(proto), None, digest, {})
@@ -298,6 +306,8 @@ def load_model(
     if file.suffix == ".pt2":
         loaded = load_pt2(file)
         if input_shapes:
-            raise BadInputError(f"{file}: --input-shape applies to ONNX files; .pt2 shapes are fixed")
+            raise BadInputError(
+                f"{file}: --input-shape applies to ONNX files; .pt2 shapes are fixed"
+            )
         return loaded
     return load_onnx(file, input_shapes=input_shapes)

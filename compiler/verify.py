@@ -29,7 +29,9 @@ BatchRunner = Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.n
 def read_manifest(artifact_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(artifact_dir) / "manifest.json"
     if not path.is_file():
-        raise BadInputError(f"{artifact_dir}: no manifest.json — not a detc artifact (run detc compile)")
+        raise BadInputError(
+            f"{artifact_dir}: no manifest.json — not a detc artifact (run detc compile)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -62,7 +64,7 @@ def artifact_batch_runner(
     device: str | None = None,
     num_threads: int | None = None,
 ) -> BatchRunner:
-    """How to run an artifact here: in process, under qemu (``emulate``), or on an RPC ``device``."""
+    """How to run an artifact here: in process, under qemu (``emulate``), or on RPC ``device``."""
     manifest = read_manifest(artifact_dir)
     if device is not None:
         from detc.targets import rpc_batch_runner
@@ -120,7 +122,9 @@ class TensorReport:
         return all(d.within_tolerance for d in self.diffs)
 
     def table(self) -> str:
-        header = f"{'output':<24} {'shape':<18} {'max abs':>10} {'max rel':>10} {'cosine':>10}  verdict"
+        header = (
+            f"{'output':<24} {'shape':<18} {'max abs':>10} {'max rel':>10} {'cosine':>10}  verdict"
+        )
         lines = [header, "-" * len(header)]
         for d in self.diffs:
             verdict = "ok" if d.within_tolerance else f"MISMATCH (rtol {d.rtol}, atol {d.atol})"

@@ -141,7 +141,7 @@ def test_caller_may_not_override_owned_fields(tmp_path: Path) -> None:
 
 
 def test_unknown_target_is_refused_before_anything_is_written(tmp_path: Path) -> None:
-    with pytest.raises(BadInputError, match="unknown target 'sparc'; known targets: arm, .*x86"):
+    with pytest.raises(BadInputError, match=r"unknown target 'sparc'; known targets: arm, .*x86"):
         build_artifact(tiny_model(0), "sparc", tmp_path / "b", manifest_fields={})
     assert list(tmp_path.iterdir()) == []
 
