@@ -143,6 +143,34 @@ verify_each_option = click.option(
     is_flag=True,
     help="Run onnxruntime before/after every pass; name the first exact pass that drifts.",
 )
+
+
+def device_options(func: Any) -> Any:
+    """--device rpc://HOST:PORT, or --rpc-tracker HOST:PORT --rpc-key KEY: run on a board."""
+    func = click.option(
+        "--rpc-key", default=None, metavar="KEY", help="Device key at the tracker."
+    )(func)
+    func = click.option(
+        "--rpc-tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker of a board farm."
+    )(func)
+    return click.option(
+        "--device",
+        default=None,
+        metavar="rpc://HOST:PORT",
+        help="Run on a board's TVM RPC server (rpc://KEY@HOST:PORT goes through a tracker).",
+    )(func)
+
+
+def _device_url(device: str | None, rpc_tracker: str | None, rpc_key: str | None) -> str | None:
+    if rpc_tracker is None and rpc_key is None:
+        return device
+    if device is not None or rpc_tracker is None or rpc_key is None:
+        raise BadInputError("give either --device URL, or both --rpc-tracker and --rpc-key")
+    from detc.targets import tracker_device
+
+    return str(tracker_device(rpc_tracker, rpc_key))
+
+
 threads_option = click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -293,7 +321,7 @@ def compile(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs.")
 @click.option("--runs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--emulate", is_flag=True, help="Run a cross-compiled artifact under qemu.")
-@click.option("--device", default=None, metavar="rpc://HOST:PORT", help="Run on a TVM RPC board.")
+@device_options
 @click.option(
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
@@ -324,6 +352,8 @@ def verify(
     runs: int,
     emulate: bool,
     device: str | None,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
     data: Path | None,
     decoder: str | None,
     max_images: int | None,
@@ -341,6 +371,9 @@ def verify(
 
     manifest = read_manifest(artifact)
     ref = reference or _default_reference(manifest, artifact)
+    device = _device_url(device, rpc_tracker, rpc_key)
+    if emulate and device is not None:
+        raise BadInputError("--emulate and --device exclude each other: pick one place to run")
     report = verify_tensors(
         artifact,
         ref,
@@ -440,6 +473,7 @@ def _verify_detection(
     help="'onnxruntime' (runs --reference) or another artifact folder.",
 )
 @click.option("--reference", type=click.Path(path_type=Path), default=None)
+@device_options
 @threads_option
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
@@ -454,6 +488,9 @@ def bench(
     artifact: Path,
     versus: str,
     reference: Path | None,
+    device: str | None,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
     threads: int | None,
     warmup: int,
     runs: int,
@@ -474,6 +511,10 @@ def bench(
     from detc.compiler._ort import ort_session, random_feeds, run_session
 
     feeds = random_feeds(manifest_inputs(manifest))
+    device = _device_url(device, rpc_tracker, rpc_key)
+    if device is not None:
+        _bench_on_device(artifact, versus, device, feeds, threads, runs, as_json, max_ratio)
+        return
     a = load(artifact, num_threads=n)
     if versus == "onnxruntime":
         ref = reference or _default_reference(manifest, artifact)
@@ -506,6 +547,59 @@ def bench(
         click.echo(result.table())
     if max_ratio is not None and result.ratio > max_ratio:
         raise CheckFailedError(f"ratio {result.ratio:.3f} exceeds --max-ratio {max_ratio}")
+
+
+def _bench_on_device(
+    artifact: Path,
+    versus: str,
+    device: str,
+    feeds: dict[str, Any],
+    threads: int | None,
+    runs: int,
+    as_json: bool,
+    max_ratio: float | None,
+) -> None:
+    """Latency timed on the board itself (network excluded); A/B alternates between artifacts."""
+    import numpy as np
+
+    from detc.targets import rpc_time
+
+    others = [] if versus == "onnxruntime" else [Path(versus)]
+    if versus == "onnxruntime":
+        _info(
+            "detc: onnxruntime does not run on the board; timing the artifact alone (--vs DIR2 "
+            "compares two artifacts on the board)"
+        )
+    samples: dict[Path, list[float]] = {artifact: [], **{o: [] for o in others}}
+    order = [artifact, *others]
+    for round_index in range(max(1, runs // 5)):
+        for art in order if round_index % 2 == 0 else order[::-1]:
+            samples[art] += rpc_time(art, device, feeds, number=5, repeat=5, num_threads=threads)
+    summary: dict[str, Any] = {"device": device, "threads": threads, "interleaved": bool(others)}
+    for label, art in zip(("a", "b"), order, strict=False):
+        ms = samples[art]
+        summary[label] = {
+            "name": f"detc ({art})",
+            "median_ms": round(float(np.median(ms)), 4),
+            "p90_ms": round(float(np.percentile(ms, 90)), 4),
+            "runs": len(ms),
+        }
+    if others:
+        summary["ratio"] = round(summary["a"]["median_ms"] / summary["b"]["median_ms"], 4)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for label in ("a", "b"):
+            if label in summary:
+                row = summary[label]
+                click.echo(
+                    f"{row['name']:<40} {row['median_ms']:>9.2f}ms {row['p90_ms']:>9.2f}ms"
+                    f"  on {device}"
+                )
+        if others:
+            click.echo(f"ratio {summary['ratio']:.3f}")
+    if max_ratio is not None and "ratio" in summary and summary["ratio"] > max_ratio:
+        raise CheckFailedError(f"ratio {summary['ratio']:.3f} exceeds --max-ratio {max_ratio}")
 
 
 @cli.command()

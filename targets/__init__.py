@@ -36,6 +36,17 @@ from detc.targets._base import (
     resolve_target,
 )
 from detc.targets._cpu import HostCpu, detect_host_cpu
+from detc.targets._rpc import (
+    RpcDevice,
+    RpcDeviceError,
+    local_rpc_server,
+    local_rpc_tracker,
+    parse_device,
+    rpc_batch_runner,
+    rpc_time,
+    tracker_device,
+    tracker_servers,
+)
 from detc.targets._runtime import CompiledModel, configure_threads, load_artifact
 from detc.targets._toolchain import ToolRecord, doctor
 
@@ -59,6 +70,8 @@ __all__ = [
     "CompiledModel",
     "HostCpu",
     "Phase",
+    "RpcDevice",
+    "RpcDeviceError",
     "Target",
     "TargetInfo",
     "ToolRecord",
@@ -69,7 +82,14 @@ __all__ = [
     "doctor",
     "emulated_batch_runner",
     "load_artifact",
+    "local_rpc_server",
+    "local_rpc_tracker",
+    "parse_device",
     "read_manifest",
     "register_target",
     "resolve_target",
+    "rpc_batch_runner",
+    "rpc_time",
+    "tracker_device",
+    "tracker_servers",
 ]

@@ -16,14 +16,18 @@ tornado.
 
 One *session* per call: connect, upload ``model.so``, ``load_module`` it there, build a
 ``relax.VirtualMachine`` on the board's CPU, send the parameters once, run every feed set through
-``set_input``/``invoke_stateful``/``get_outputs`` (over RPC a VM call returning a tuple only gives
-an opaque handle), fetch the outputs, close. Latency is measured on the board by the VM's
-``time_evaluator``, so the network is not timed.
+``set_input``/``invoke_stateful`` and fetch its outputs one tensor at a time (over RPC, calling
+``main`` directly returns a tuple as an opaque handle), close. Latency is measured on the board by
+the VM's ``time_evaluator``, so the network is not timed.
 
 Every wait is bounded: the TCP connect (``connect_timeout_s``; TVM's own connect can block for the
 OS's two-minute SYN timeout and its tracker client retries refused connections for 60 s) and the
 wait for a free server under a tracker key (``wait_s``). Failures are one-line
 :class:`RpcDeviceError` messages (exit 2) naming the device and what to check.
+
+A server runs one session at a time: a second client of a busy server (``rpc://HOST:PORT``)
+waits until the first is done. Share boards through a tracker, which hands each request a free
+server and keeps the others waiting (at most ``wait_s``).
 
 The RPC server runs whatever a client sends it: :func:`local_rpc_server` and
 :func:`local_rpc_tracker` bind to 127.0.0.1 only. Boards belong on a private network.
@@ -32,6 +36,7 @@ The RPC server runs whatever a client sends it: :func:`local_rpc_server` and
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import logging
 import os
@@ -45,10 +50,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -59,6 +64,7 @@ from detc.targets._emulator import _load_params, _ordered_feed
 from detc.targets._runtime import library_machine
 
 logger = logging.getLogger("detc.targets.rpc")
+_T = TypeVar("_T")
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -174,6 +180,13 @@ def tracker_device(tracker: str, key: str) -> RpcDevice:
     return RpcDevice(host, port, key)
 
 
+def _describe(device: RpcDevice) -> str:
+    """How messages name ``device``: its URL, or the bare tracker when no key is involved."""
+    if device.key == "":
+        return f"tracker {device.address}"
+    return f"device {device}"
+
+
 def _as_device(device: str | RpcDevice) -> RpcDevice:
     return device if isinstance(device, RpcDevice) else parse_device(device)
 
@@ -211,12 +224,12 @@ def _tcp_connect(device: RpcDevice, timeout_s: float) -> socket.socket:
         reason = f"no answer within {timeout_s:g} s"
     except socket.gaierror as err:
         raise RpcDeviceError(
-            f"device {device}: unknown host '{device.host}' ({err.strerror}); check the address"
+            f"{_describe(device)}: unknown host '{device.host}' ({err.strerror}); check the address"
         ) from None
     except OSError as err:
         reason = err.strerror or type(err).__name__
     raise RpcDeviceError(
-        f"device {device}: cannot reach the {what} at {device.address} ({reason}); "
+        f"{_describe(device)}: cannot reach the {what} at {device.address} ({reason}); "
         f"{_server_hint(device)}"
     )
 
@@ -237,12 +250,12 @@ def _open_tracker_socket(device: RpcDevice, timeout_s: float) -> socket.socket:
     except OSError as err:
         sock.close()
         raise RpcDeviceError(
-            f"device {device}: {device.address} did not answer as a TVM RPC tracker ({err}); "
+            f"{_describe(device)}: {device.address} did not answer as a TVM RPC tracker ({err}); "
             f"for an RPC server use rpc://{device.address}"
         ) from None
     if magic != base.RPC_TRACKER_MAGIC:
         sock.close()
-        raise RpcDeviceError(f"device {device}: {device.address} is not a TVM RPC tracker")
+        raise RpcDeviceError(f"{_describe(device)}: {device.address} is not a TVM RPC tracker")
     return sock
 
 
@@ -315,16 +328,18 @@ def _rpc_connect(rpc: Any, device: RpcDevice, host: str, port: int, key: str) ->
         address = _join_host_port(host, port)
         if "cannot find server that matches key" in reason:
             raise RpcDeviceError(
-                f"device {device}: the server at {address} expects a key (it is registered with "
-                "a tracker or was started with --key): use rpc://KEY@TRACKER_HOST:TRACKER_PORT"
+                f"{_describe(device)}: the server at {address} expects a key (it is registered "
+                "with a tracker or was started with --key): use rpc://KEY@TRACKER_HOST:TRACKER_PORT"
             ) from None
-        if "RecvAll" in reason:
+        # A tracker drops the connection at our RPC magic: seen as either failure, by timing.
+        if "RecvAll" in reason or "SendAll" in reason:
             raise RpcDeviceError(
-                f"device {device}: {address} did not answer as a TVM RPC server (is it a "
+                f"{_describe(device)}: {address} did not answer as a TVM RPC server (is it a "
                 f"tracker? then use rpc://KEY@{address})"
             ) from None
         raise RpcDeviceError(
-            f"device {device}: connecting to {address} failed ({reason}); {_server_hint(device)}"
+            f"{_describe(device)}: connecting to {address} failed ({reason}); "
+            f"{_server_hint(device)}"
         ) from None
 
 
@@ -346,7 +361,7 @@ def _request_server(
             f"keys registered there: {', '.join(others)}" if others else "no server is registered"
         )
         raise RpcDeviceError(
-            f"device {device}: no RPC server is registered under key '{device.key}' at tracker "
+            f"{_describe(device)}: no RPC server is registered under key '{device.key}' at tracker "
             f"{device.address} ({known}); start one with `python -m tvm.exec.rpc_server "
             f"--tracker {device.address} --key {device.key}` on the board"
         )
@@ -356,15 +371,15 @@ def _request_server(
             reply = _tracker_call(sock, [base.TrackerCode.REQUEST, device.key, "detc", 1])
         except TimeoutError:
             raise RpcDeviceError(
-                f"device {device}: all {len(registered)} server(s) under key '{device.key}' "
+                f"{_describe(device)}: all {len(registered)} server(s) under key '{device.key}' "
                 f"stayed busy for {wait_s:g} s; try again later or register more boards"
             ) from None
         except OSError as err:
             raise RpcDeviceError(
-                f"device {device}: the tracker dropped the request ({err})"
+                f"{_describe(device)}: the tracker dropped the request ({err})"
             ) from None
     if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == base.TrackerCode.SUCCESS):
-        raise RpcDeviceError(f"device {device}: the tracker answered {reply!r} to a request")
+        raise RpcDeviceError(f"{_describe(device)}: the tracker answered {reply!r} to a request")
     host, port, match_key = reply[1]
     return str(host), int(port), str(match_key)
 
@@ -372,17 +387,153 @@ def _request_server(
 # ---- running -------------------------------------------------------------------------------
 
 
-def _flatten(value: Any) -> list[Any]:
-    if isinstance(value, tuple | list):
-        return [leaf for item in value for leaf in _flatten(item)]
-    return [value]
+def _fetch_outputs(get_arity: Any, get_output: Any, *index: int) -> list[Any]:
+    """Every output tensor of the last ``invoke_stateful("main")``, nested tuples flattened.
+
+    ``VirtualMachine.get_outputs`` does the same with a self-referencing closure, a reference
+    cycle that keeps the VM, and with it the RPC session and the board, alive until the garbage
+    collector happens to run.
+    """
+    arity = int(get_arity("main", *index))
+    if arity == -1:
+        return [get_output("main", *index)]
+    return [leaf for i in range(arity) for leaf in _fetch_outputs(get_arity, get_output, *index, i)]
+
+
+class _RemoteModel:
+    """One RPC session with the artifact loaded on the board: its VM and parameters there.
+
+    Remote objects (module, VM, tensors) each hold the session; it closes, and a tracker hands
+    the board to the next client, only when the last of them is freed. So remote work happens
+    in methods whose frames die on return (:meth:`_guarded` turns their exceptions into
+    messages before raising, so no traceback keeps such a frame alive), and :meth:`close`
+    drops the rest and collects cycles.
+    """
+
+    def __init__(self, runner: RpcBatchRunner) -> None:
+        self.runner = runner
+        self.session: _Session | None = _connect(
+            runner.device, connect_timeout_s=runner.connect_timeout_s, wait_s=runner.wait_s
+        )
+        self.served_by = self.session.served_by
+        logger.info("device %s: session on %s", runner.device, self.served_by)
+        self.vm: Any = None
+        self.params: list[Any] = []
+        self.threads: int | None = None
+        try:
+            self._guarded("loading", self._load_library, self._load_failure)
+            self.threads = self._guarded("sending parameters", self._send_params)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> _RemoteModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.vm = None
+        self.params = []
+        self.session = None
+        gc.collect()
+
+    def run(self, inputs: Sequence[np.ndarray], label: str) -> list[np.ndarray]:
+        return self._guarded(label, lambda: self._run_once(inputs))
+
+    def time(self, inputs: Sequence[np.ndarray], number: int, repeat: int) -> list[float]:
+        return self._guarded("timing", lambda: self._time_once(inputs, number, repeat))
+
+    # ---- the remote work ------------------------------------------------------------------
+
+    def _guarded(
+        self,
+        stage: str,
+        work: Callable[[], _T],
+        describe: Callable[[str, BaseException], str] | None = None,
+    ) -> _T:
+        failure = None
+        try:
+            return work()
+        except Exception as err:
+            failure = (describe or self._failure)(stage, err)
+        raise RpcDeviceError(failure)
+
+    def _failure(self, stage: str, err: BaseException) -> str:
+        return (
+            f"{self.runner.artifact_dir} failed on {self.runner.device} [{self.served_by}] "
+            f"during {stage}: {_one_line(err)}"
+        )
+
+    def _load_failure(self, stage: str, err: BaseException) -> str:
+        library = self.runner.library
+        return (
+            f"{library} ({library_machine(library) or 'non-ELF'}) cannot be loaded on "
+            f"{self.runner.device} [{self.served_by}] ({_one_line(err)}): was it compiled for "
+            "this board's CPU, with the board's TVM version?"
+        )
+
+    def _remote(self) -> Any:
+        assert self.session is not None, "the session is closed"
+        return self.session.remote
+
+    def _load_library(self) -> None:
+        from tvm import relax
+
+        remote = self._remote()
+        remote.upload(str(self.runner.library), _REMOTE_LIBRARY)
+        self.vm = relax.VirtualMachine(remote.load_module(_REMOTE_LIBRARY), remote.cpu())
+
+    def _send_params(self) -> int:
+        import tvm
+
+        remote = self._remote()
+        wanted = self.runner.num_threads
+        if wanted is not None:
+            remote.get_function("runtime.config_threadpool")(_BIG_CORES, wanted)
+        used = int(remote.get_function("runtime.NumThreads")())
+        if wanted is not None and used != wanted:
+            logger.warning(
+                "device %s runs %d TVM threads, not the %d asked for (the board's server caps "
+                "it: set TVM_NUM_THREADS before starting rpc_server)",
+                self.runner.device,
+                used,
+                wanted,
+            )
+        self.params = [tvm.runtime.tensor(p, remote.cpu()) for p in self.runner.params]
+        return used
+
+    def _set_inputs(self, inputs: Sequence[np.ndarray]) -> None:
+        import tvm
+
+        device = self._remote().cpu()
+        arguments = [tvm.runtime.tensor(value, device) for value in inputs]
+        # set_input/invoke_stateful: over RPC, calling main directly returns a tuple of outputs
+        # as an opaque handle.
+        self.vm.set_input("main", *arguments, *self.params)
+
+    def _run_once(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self._set_inputs(inputs)
+        self.vm.invoke_stateful("main")
+        module = self.vm.module
+        outputs = _fetch_outputs(module["get_output_arity"], module["get_output"])
+        return [tensor.numpy() for tensor in outputs]
+
+    def _time_once(self, inputs: Sequence[np.ndarray], number: int, repeat: int) -> list[float]:
+        self._set_inputs(inputs)
+        timer = self.vm.time_evaluator(
+            "invoke_stateful", self._remote().cpu(), number=number, repeat=repeat
+        )
+        return [float(seconds) * 1e3 for seconds in timer("main").results]
 
 
 class RpcBatchRunner:
     """``runner([feeds, ...])`` → one ``{output name: array}`` per feed set, run on ``device``.
 
     The artifact and device address are checked when the runner is made; the board is reached
-    on each call (one session per call). ``served_by`` is the server of the last call.
+    on each call (one session per call). ``served_by`` is the server of the last call and
+    ``remote_threads`` the TVM threads it ran with.
     """
 
     def __init__(
@@ -418,9 +569,9 @@ class RpcBatchRunner:
         self.connect_timeout_s = connect_timeout_s
         self.wait_s = wait_s
         self.output_names = [spec["name"] for spec in self.manifest["outputs"]]
+        self.params = _load_params(self.artifact_dir, self.manifest)
         self.served_by: str | None = None
         self.remote_threads: int | None = None
-        self._params = _load_params(self.artifact_dir, self.manifest)
 
     def __repr__(self) -> str:
         return f"RpcBatchRunner({str(self.artifact_dir)!r}, {str(self.device)!r})"
@@ -429,20 +580,10 @@ class RpcBatchRunner:
         self, feed_sets: Sequence[Mapping[str, np.ndarray]]
     ) -> list[dict[str, np.ndarray]]:
         ordered = [_ordered_feed(feeds, self.manifest, i) for i, feeds in enumerate(feed_sets)]
-        with self._session() as (session, vm, params):
-            import tvm
-
-            device = session.remote.cpu()
-            results = []
+        results = []
+        with self._open() as model:
             for index, inputs in enumerate(ordered):
-                try:
-                    arguments = [tvm.runtime.tensor(value, device) for value in inputs]
-                    vm.set_input("main", *arguments, *params)
-                    vm.invoke_stateful("main")
-                    values = _flatten(vm.get_outputs("main"))
-                    arrays = [value.numpy() for value in values]
-                except Exception as err:
-                    raise self._run_error(session, f"feed set {index}", err) from None
+                arrays = model.run(inputs, f"feed set {index}")
                 if len(arrays) != len(self.output_names):
                     raise RpcDeviceError(
                         f"{self.library} returned {len(arrays)} outputs on {self.device}, the "
@@ -459,73 +600,14 @@ class RpcBatchRunner:
         if number < 1 or repeat < 1:
             raise BadInputError(f"number and repeat must be at least 1, got {number}, {repeat}")
         inputs = _ordered_feed(feeds, self.manifest, 0)
-        with self._session() as (session, vm, params):
-            import tvm
+        with self._open() as model:
+            return model.time(inputs, number, repeat)
 
-            device = session.remote.cpu()
-            try:
-                vm.set_input("main", *[tvm.runtime.tensor(v, device) for v in inputs], *params)
-                # Timing invoke_stateful leaves the outputs on the board: a tuple-returning main
-                # cannot be timed directly over RPC.
-                timer = vm.time_evaluator("invoke_stateful", device, number=number, repeat=repeat)
-                seconds = list(timer("main").results)
-            except Exception as err:
-                raise self._run_error(session, "timing", err) from None
-        return [float(s) * 1e3 for s in seconds]
-
-    @contextlib.contextmanager
-    def _session(self) -> Iterator[tuple[_Session, Any, list[Any]]]:
-        import tvm
-        from tvm import relax
-
-        session = _connect(
-            self.device, connect_timeout_s=self.connect_timeout_s, wait_s=self.wait_s
-        )
-        self.served_by = session.served_by
-        logger.info("device %s: session on %s", self.device, session.served_by)
-        try:
-            remote = session.remote
-            try:
-                remote.upload(str(self.library), _REMOTE_LIBRARY)
-                module = remote.load_module(_REMOTE_LIBRARY)
-                vm = relax.VirtualMachine(module, remote.cpu())
-            except Exception as err:
-                isa = library_machine(self.library) or "non-ELF"
-                raise RpcDeviceError(
-                    f"{self.library} ({isa}) cannot be loaded on {self.device} "
-                    f"[{session.served_by}] ({_one_line(err)}): was it compiled for this board's "
-                    "CPU, with the board's TVM version?"
-                ) from None
-            try:
-                self.remote_threads = self._configure_threads(remote)
-                params = [tvm.runtime.tensor(p, remote.cpu()) for p in self._params]
-            except Exception as err:
-                raise self._run_error(session, "sending parameters", err) from None
-            yield session, vm, params
-        finally:
-            # Dropping the last reference closes the session; remote objects hold it too.
-            del session
-
-    def _configure_threads(self, remote: Any) -> int:
-        count = remote.get_function("runtime.NumThreads")
-        if self.num_threads is not None:
-            remote.get_function("runtime.config_threadpool")(_BIG_CORES, self.num_threads)
-        used = int(count())
-        if self.num_threads is not None and used != self.num_threads:
-            logger.warning(
-                "device %s runs %d TVM threads, not the %d asked for (the board's server caps "
-                "it: set TVM_NUM_THREADS before starting rpc_server)",
-                self.device,
-                used,
-                self.num_threads,
-            )
-        return used
-
-    def _run_error(self, session: _Session, stage: str, err: BaseException) -> RpcDeviceError:
-        return RpcDeviceError(
-            f"{self.artifact_dir} failed on {self.device} [{session.served_by}] during {stage}: "
-            f"{_one_line(err)}"
-        )
+    def _open(self) -> _RemoteModel:
+        model = _RemoteModel(self)
+        self.served_by = model.served_by
+        self.remote_threads = model.threads
+        return model
 
 
 def rpc_batch_runner(
@@ -635,6 +717,10 @@ class _LocalProcess:
             )
         self.port = 0
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -697,6 +783,16 @@ class LocalRpcTracker:
         self.host = LOOPBACK
 
     @property
+    def process_group(self) -> int:
+        """The id of its process group (its main process, TVM's helper, session processes)."""
+        return self._process.pid
+
+    @property
+    def log_path(self) -> Path:
+        """Its stdout/stderr, removed with it on stop()."""
+        return self._process.log_path
+
+    @property
     def port(self) -> int:
         return self._process.port
 
@@ -734,6 +830,16 @@ class LocalRpcServer:
         arguments = ["--tracker", self.tracker, "--key", key] if self.tracker and key else []
         self._process = _LocalProcess("rpc_server", arguments, port)
         self.host = LOOPBACK
+
+    @property
+    def process_group(self) -> int:
+        """The id of its process group (its main process, TVM's helper, session processes)."""
+        return self._process.pid
+
+    @property
+    def log_path(self) -> Path:
+        """Its stdout/stderr, removed with it on stop()."""
+        return self._process.log_path
 
     @property
     def port(self) -> int:

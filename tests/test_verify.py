@@ -129,7 +129,9 @@ def test_compile_without_cross_compiler_exits_2_with_install_line(tmp_path: Path
     env = {**os.environ, "PATH": str(empty)}
     env.pop("DETC_AARCH64_CC", None)
     env.pop("DETC_AARCH64_CXX", None)
-    result = detc_cli("compile", str(model_path), "--target", "arm", "-o", str(tmp_path / "a"), env=env)
+    result = detc_cli(
+        "compile", str(model_path), "--target", "arm", "-o", str(tmp_path / "a"), env=env
+    )
     assert result.returncode == 2, result.stderr
     assert "apt-get install gcc-aarch64-linux-gnu" in result.stderr
     assert not (tmp_path / "a").exists()
@@ -154,3 +156,20 @@ def test_arm_artifact_verifies_under_emulation(tmp_path: Path) -> None:
     emulated = detc_cli("verify", str(out), "--emulate", "--runs", "2")
     assert emulated.returncode == 0, emulated.stderr
     assert "emulated: numerics only" in emulated.stdout
+
+
+def test_verify_and_bench_on_an_rpc_board(compiled: tuple[Path, Path]) -> None:
+    """The board path end to end, with a loopback x86 RPC server standing in for the board."""
+    from detc.targets import local_rpc_server
+
+    model_path, artifact = compiled
+    with local_rpc_server() as server:
+        verified = detc_cli("verify", str(artifact), "--device", server.url, "--runs", "2")
+        assert verified.returncode == 0, verified.stderr
+        assert "verify: ok" in verified.stdout
+        timed = detc_cli("bench", str(artifact), "--device", server.url, "--runs", "5", "--json")
+        assert timed.returncode == 0, timed.stderr
+        data = json.loads(timed.stdout)
+        assert data["a"]["median_ms"] > 0 and data["device"] == server.url
+    refused = detc_cli("verify", str(artifact), "--device", server.url)
+    assert refused.returncode == 2 and server.url.split("//")[1] in refused.stderr
