@@ -84,6 +84,11 @@ def demo_group(
 )
 def demo_train(output: Path, seed: int | None, epochs: int | None, min_map50: float | None) -> None:
     """Train the demo detector on synthetic data (CPU) and export it un-fused to -o."""
+    import os
+
+    # OpenMP threads that spin while waiting make each step 10x slower on a busy 2-core machine;
+    # it must be set before torch (and its OpenMP runtime) is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from detc.compiler.demo_train import train_demo
 
     overrides = {k: v for k, v in {"seed": seed, "epochs": epochs}.items() if v is not None}

@@ -246,6 +246,12 @@ def fit(
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     criterion = DetectionLoss(len(synth.class_names()), config.image_size)
+    size = (config.image_size, config.image_size)
+    log(
+        f"model: {count_parameters(model) / 1e6:.2f} M parameters, "
+        f"{count_flops(model, size) / 1e9:.2f} GFLOPs at {size[0]}x{size[1]}; "
+        f"{total_steps} steps of {config.batch_size} images on {config.num_threads} thread(s)"
+    )
     val_spec = demo_spec(config.image_size)
     start = time.perf_counter()
     step = 0
