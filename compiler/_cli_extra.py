@@ -104,6 +104,70 @@ def demo_train(output: Path, seed: int | None, epochs: int | None, min_map50: fl
         )
 
 
+@click.command("sweep")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--pass", "pass_name", required=True, help="The approximate pass: prune | lowrank.")
+@click.option("--values", required=True, help="Comma-separated settings, e.g. 0.1,0.2,0.3,0.4.")
+@click.option("--option", default=None, help="Which option --values sets (default: the pass's).")
+@click.option("--options", "pass_options", default="", help="Further options, e.g. calib=DIR.")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="COCO-format dataset for mAP (without it: MACs and latency only).",
+)
+@click.option("--decoder", default=None, help="yolov5 | yolov8 | yolox | demo | module:function")
+@click.option("--max-images", type=click.IntRange(min=1), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the trade-off plot (PNG) here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sweep_cmd(
+    model: Path,
+    pass_name: str,
+    values: str,
+    option: str | None,
+    pass_options: str,
+    data: Path | None,
+    decoder: str | None,
+    max_images: int | None,
+    threads: int,
+    runs: int,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """MAC reduction, onnxruntime latency and mAP of an approximate pass at several settings.
+
+    The curve to choose a setting from: e.g. `detc sweep m.onnx --pass prune --values
+    0.1,0.2,0.3 --data coco/ --decoder yolov5 --plot sweep.png`.
+    """
+    import json
+
+    from detc.compiler.sweep import sweep
+
+    settings = [v.strip() for v in values.split(",") if v.strip()]
+    result = sweep(
+        model,
+        pass_name,
+        settings,
+        data=data,
+        decoder=decoder,
+        option=option,
+        pass_options=pass_options,
+        threads=threads,
+        runs=runs,
+        max_images=max_images,
+        plot=plot,
+    )
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(data_group)
     cli.add_command(demo_group)
+    cli.add_command(sweep_cmd)

@@ -6,6 +6,8 @@ from detc.passes.eliminate_dead_code import EliminateDeadCodePass
 from detc.passes.fold_constants import FoldConstantsPass
 from detc.passes.fold_conv_bn import FoldConvBatchNormPass
 from detc.passes.fold_conv_mul_add import FoldConvMulAddPass
+from detc.passes.lowrank import LowRankPass
+from detc.passes.prune import PrunePass
 from detc.passes.remove_identity import RemoveIdentityPass
 
 #: every built-in pass; the registry adds plugins from the entry-point group ``detc.passes``
@@ -14,6 +16,8 @@ BUILTIN_PASSES = (
     FoldConstantsPass,
     FoldConvBatchNormPass,
     FoldConvMulAddPass,
+    LowRankPass,
+    PrunePass,
     RemoveIdentityPass,
 )
 
@@ -23,5 +27,7 @@ __all__ = [
     "FoldConstantsPass",
     "FoldConvBatchNormPass",
     "FoldConvMulAddPass",
+    "LowRankPass",
+    "PrunePass",
     "RemoveIdentityPass",
 ]

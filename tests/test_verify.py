@@ -162,7 +162,7 @@ def test_verify_and_bench_on_an_rpc_board(compiled: tuple[Path, Path]) -> None:
     """The board path end to end, with a loopback x86 RPC server standing in for the board."""
     from detc.targets import local_rpc_server
 
-    model_path, artifact = compiled
+    _, artifact = compiled
     with local_rpc_server() as server:
         verified = detc_cli("verify", str(artifact), "--device", server.url, "--runs", "2")
         assert verified.returncode == 0, verified.stderr
