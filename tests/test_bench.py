@@ -41,8 +41,9 @@ def test_ratio_and_json_from_measured_times(monkeypatch) -> None:
     def fast(feeds: object) -> None:
         now[0] += 0.002
 
-    result = bench_interleaved(slow, fast, {}, a_name="slow", b_name="fast", threads=2, warmup=1,
-                               runs=6, progress=False)
+    result = bench_interleaved(
+        slow, fast, {}, a_name="slow", b_name="fast", threads=2, warmup=1, runs=6, progress=False
+    )
     data = json.loads(json.dumps(result.to_dict()))
     assert data["a"]["name"] == "slow" and data["b"]["name"] == "fast"
     assert np.isclose(data["a"]["median_ms"], 4.0) and np.isclose(data["b"]["median_ms"], 2.0)

@@ -77,7 +77,9 @@ def test_passes_lists_every_builtin_with_kind() -> None:
 
 
 def test_unknown_pass_exits_2_and_lists_known(model_path: Path, tmp_path: Path) -> None:
-    result = detc("opt", str(model_path), "-p", "fold-conv-bn,no-such-pass", "-o", str(tmp_path / "o.onnx"))
+    result = detc(
+        "opt", str(model_path), "-p", "fold-conv-bn,no-such-pass", "-o", str(tmp_path / "o.onnx")
+    )
     assert result.returncode == 2
     assert "unknown pass 'no-such-pass'" in result.stderr
     assert "fold-conv-bn" in result.stderr and "eliminate-dead-code" in result.stderr
@@ -90,8 +92,15 @@ def test_opt_removes_batchnorm_and_matches_onnxruntime(
     out = tmp_path / "out.onnx"
     dump = tmp_path / "dump"
     result = detc(
-        "opt", str(model_path), "-p", "remove-identity,fold-constants,fold-conv-bn,eliminate-dead-code",
-        "-o", str(out), "--dump-ir", str(dump), "--verify-each",
+        "opt",
+        str(model_path),
+        "-p",
+        "remove-identity,fold-constants,fold-conv-bn,eliminate-dead-code",
+        "-o",
+        str(out),
+        "--dump-ir",
+        str(dump),
+        "--verify-each",
     )
     assert result.returncode == 0, result.stderr
     optimized = onnx.load(out)
@@ -117,15 +126,29 @@ def test_config_file_says_the_same_as_flags(model_path: Path, tmp_path: Path) ->
             """
         )
     )
-    via_config = detc("opt", str(model_path), "--config", str(config), "-o", str(tmp_path / "a.onnx"))
+    via_config = detc(
+        "opt", str(model_path), "--config", str(config), "-o", str(tmp_path / "a.onnx")
+    )
     via_flag = detc(
-        "opt", str(model_path), "-p", "fold-conv-bn,eliminate-dead-code", "-o", str(tmp_path / "b.onnx")
+        "opt",
+        str(model_path),
+        "-p",
+        "fold-conv-bn,eliminate-dead-code",
+        "-o",
+        str(tmp_path / "b.onnx"),
     )
     assert via_config.returncode == 0 and via_flag.returncode == 0, via_config.stderr
     a, b = onnx.load(tmp_path / "a.onnx"), onnx.load(tmp_path / "b.onnx")
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     both = detc(
-        "opt", str(model_path), "--config", str(config), "-p", "fold-conv-bn", "-o", str(tmp_path / "c.onnx")
+        "opt",
+        str(model_path),
+        "--config",
+        str(config),
+        "-p",
+        "fold-conv-bn",
+        "-o",
+        str(tmp_path / "c.onnx"),
     )
     assert both.returncode == 2 and "not both" in both.stderr
 
@@ -134,7 +157,9 @@ def test_explain_says_why_a_pass_does_not_fire(tmp_path: Path, rng: np.random.Ge
     model = _conv_bn_identity_model(rng)
     # a second consumer of the Conv output keeps fold-conv-bn from firing
     model.graph.node.append(helper.make_node("Relu", ["c"], ["side"], name="side_relu"))
-    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [1, 4, 8, 8]))
+    model.graph.output.append(
+        helper.make_tensor_value_info("side", TensorProto.FLOAT, [1, 4, 8, 8])
+    )
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     result = detc("explain", "fold-conv-bn", str(path))
@@ -196,8 +221,19 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     site = root / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(site), str(src)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(src),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -214,7 +250,15 @@ def test_plugin_pass_is_listed_and_runs_in_a_pipeline(
     line = next(line for line in listed.stdout.splitlines() if line.startswith("rename-nodes"))
     assert "exact" in line and "detc_rename_plugin" in line
     out = tmp_path / "renamed.onnx"
-    ran = detc("opt", str(model_path), "-p", "fold-conv-bn,rename-nodes{prefix=p_}", "-o", str(out), env=env)
+    ran = detc(
+        "opt",
+        str(model_path),
+        "-p",
+        "fold-conv-bn,rename-nodes{prefix=p_}",
+        "-o",
+        str(out),
+        env=env,
+    )
     assert ran.returncode == 0, ran.stderr
     assert all(n.name.startswith("p_") for n in onnx.load(out).graph.node)
     # without the plugin installed, the same pipeline is refused with the known passes listed

@@ -16,7 +16,9 @@ from detc.compiler import BadInputError
 from detc.compiler.frontend import load_model, load_onnx, parse_input_shapes
 
 
-def _tiny_conv(rng: np.random.Generator, *, batch: int | str = 1, opset: int = 17) -> onnx.ModelProto:
+def _tiny_conv(
+    rng: np.random.Generator, *, batch: int | str = 1, opset: int = 17
+) -> onnx.ModelProto:
     weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv0", pads=[1, 1, 1, 1])
     graph = helper.make_graph(
@@ -112,7 +114,13 @@ def _bad_inputs(tmp_path: Path, rng: np.random.Generator) -> dict[str, tuple[Pat
 
 @pytest.mark.parametrize(
     "case",
-    ["not onnx", "truncated", "external data escaping", "pickled torch module", "pickle named .onnx"],
+    [
+        "not onnx",
+        "truncated",
+        "external data escaping",
+        "pickled torch module",
+        "pickle named .onnx",
+    ],
 )
 def test_bad_input_raises_one_line_naming_the_file(
     case: str, tmp_path: Path, rng: np.random.Generator
@@ -144,7 +152,10 @@ def test_external_data_symlink_leaving_the_folder_is_refused(
     outside.mkdir()
     inside.mkdir()
     onnx.save(
-        _tiny_conv(rng), outside / "m.onnx", save_as_external_data=True, location="w.bin",
+        _tiny_conv(rng),
+        outside / "m.onnx",
+        save_as_external_data=True,
+        location="w.bin",
         size_threshold=0,
     )
     (inside / "w.bin").symlink_to(outside / "w.bin")
@@ -162,7 +173,10 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(
 ) -> None:
     path, _ = _bad_inputs(tmp_path, rng)[case]
     out = tmp_path / "out"
-    for verb in (["opt", str(path), "-o", str(out / "x.onnx")], ["import", str(path), "-o", str(out / "x.onnx")]):
+    for verb in (
+        ["opt", str(path), "-o", str(out / "x.onnx")],
+        ["import", str(path), "-o", str(out / "x.onnx")],
+    ):
         before = sorted(p.name for p in tmp_path.iterdir())
         result = _run_cli(*verb, cwd=tmp_path)
         assert result.returncode == 2, result.stderr

@@ -230,21 +230,7 @@ def test_options_are_checked(text: list[tuple[str, str]], message: str) -> None:
     assert str(caught.value).startswith(f"pass 'prune': {message}")
 
 
-@pytest.fixture
-def registered(monkeypatch: pytest.MonkeyPatch):
-    """The pass registry with prune in it (passes/__init__.py lists the built-ins)."""
-    import detc.passes
-    from detc.compiler._registry import refresh_registry
-
-    monkeypatch.setattr(detc.passes, "BUILTIN_PASSES", (*detc.passes.BUILTIN_PASSES, PrunePass))
-    refresh_registry()
-    yield
-    refresh_registry()
-
-
-def test_sweep_measures_macs_latency_and_plots(
-    rng: np.random.Generator, tmp_path: Path, registered: None
-) -> None:
+def test_sweep_measures_macs_latency_and_plots(rng: np.random.Generator, tmp_path: Path) -> None:
     from detc.compiler.sweep import sweep
 
     path = tmp_path / "detector.onnx"
