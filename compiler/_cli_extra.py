@@ -45,22 +45,39 @@ def data_synth(n_images: int, output: Path, seed: int, image_size: int) -> None:
     show_default=True,
     help="Fail (exit 3) if the compiled mAP@[.5:.95] drops more (points).",
 )
+@click.option(
+    "--tune-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Also search schedules for kernels the tuning database lacks (e.g. on a CPU the "
+    "shipped demo records were not measured on), for at most this long.",
+)
 @click.pass_context
 def demo_group(
-    ctx: click.Context, output: Path, images: int | None, threads: int | None, max_map_drop: float
+    ctx: click.Context,
+    output: Path,
+    images: int | None,
+    threads: int | None,
+    max_map_drop: float,
+    tune_minutes: float | None,
 ) -> None:
     """The main job on the demo detector detc ships: compile for this CPU, verify, benchmark.
 
     Makes (or reuses, from the cache) a synthetic validation set, compiles the demo detector with
-    the default pipeline, checks tensors, mAP and boxes against onnxruntime, and measures latency
-    of both, interleaved, with the same threads. `detc demo train` retrains the detector.
+    the default pipeline and tuned kernels (tuning records detc ships for the demo, merged into
+    your tuning database), checks tensors, mAP and boxes against onnxruntime, and measures
+    latency of both, interleaved, with the same threads. `detc demo train` retrains the detector.
     """
     if ctx.invoked_subcommand is not None:
         return
     from detc.compiler.demo import run_demo
 
     summary = run_demo(
-        output, n_images=images, threads=threads, log=lambda m: click.echo(m, err=True)
+        output,
+        n_images=images,
+        threads=threads,
+        tune_minutes=tune_minutes,
+        log=lambda m: click.echo(m, err=True),
     )
     click.echo(summary.table())
     if not summary.tensors_ok:

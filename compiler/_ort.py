@@ -65,6 +65,11 @@ def ort_session(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # onnxruntime's pool threads spin after each run by default. In an interleaved benchmark
+    # they then take the cores from the next contestant (yolov5n at 2 threads: TVM measured
+    # 65 ms beside a spinning session, 44 ms beside a quiet one), and onnxruntime itself ran no
+    # slower without spinning (38.5 ms vs 42.6 ms in the same runs).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     payload = model if isinstance(model, bytes) else to_proto(model).SerializeToString()

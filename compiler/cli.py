@@ -179,6 +179,84 @@ threads_option = click.option(
 )
 
 
+def tuning_options(func: Any) -> Any:
+    """--tune and its budgets, the tuning database, RPC measurement (compile and tune)."""
+    options = [
+        click.option(
+            "--tuning-db",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Tuning database directory (default: $DETC_CACHE_DIR/tuning). Using one "
+            "without --tune applies its schedules without searching.",
+        ),
+        click.option(
+            "--tune-minutes",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Wall-clock budget of the search; it stops cleanly and keeps what it found.",
+        ),
+        click.option(
+            "--trials-per-task",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Most candidates measured per kernel (default 64; 512 with --tune-minutes).",
+        ),
+        click.option(
+            "--trials",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Most candidates measured in all (default: trials per task x kernels).",
+        ),
+        click.option(
+            "--rpc-key",
+            "tune_rpc_key",
+            default=None,
+            metavar="KEY",
+            help="Measure on every server registered under KEY at --rpc-tracker.",
+        ),
+        click.option(
+            "--rpc-tracker",
+            "tune_rpc_tracker",
+            default=None,
+            metavar="HOST:PORT",
+            help="TVM RPC tracker whose servers measure the candidates.",
+        ),
+    ]
+    for option in options:
+        func = option(func)
+    return func
+
+
+def _tuning_from_flags(
+    tune: bool,
+    trials: int | None,
+    trials_per_task: int | None,
+    tune_minutes: float | None,
+    tuning_db: Path | None,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
+    quiet: bool = False,
+) -> Any:
+    """TuningOptions for the flags, or None for a plain (untuned) build."""
+    searching = tune or any(v is not None for v in (trials, trials_per_task, tune_minutes))
+    if not searching and tuning_db is None:
+        if rpc_tracker is not None or rpc_key is not None:
+            raise BadInputError("--rpc-tracker/--rpc-key measure tuning candidates: add --tune")
+        return None
+    from detc.targets._tuning import TuningOptions
+
+    return TuningOptions(
+        tune=searching,
+        trials=trials,
+        trials_per_task=trials_per_task,
+        minutes=tune_minutes,
+        database=tuning_db,
+        rpc_tracker=rpc_tracker,
+        rpc_key=rpc_key,
+        progress=not quiet,
+    )
+
+
 @cli.command("import")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
@@ -255,6 +333,12 @@ def opt(
     help="Preprocessing/decoder spec (JSON or TOML) stored in the manifest.",
 )
 @click.option("--quiet", is_flag=True, help="Print only the summary line.")
+@click.option(
+    "--tune",
+    is_flag=True,
+    help="Search schedules for the kernels the tuning database lacks (budgets below).",
+)
+@tuning_options
 def compile(
     model: Path,
     target: str,
@@ -267,6 +351,13 @@ def compile(
     threads: int | None,
     spec: Path | None,
     quiet: bool,
+    tune: bool,
+    trials: int | None,
+    trials_per_task: int | None,
+    tune_minutes: float | None,
+    tuning_db: Path | None,
+    tune_rpc_tracker: str | None,
+    tune_rpc_key: str | None,
 ) -> None:
     """Compile MODEL for a target into the artifact folder -o.
 
@@ -297,15 +388,134 @@ def compile(
         num_threads=threads,
         on_pass=_pass_printer(quiet),
         progress=not quiet,
+        target_options=_compile_target_options(
+            tune,
+            trials,
+            trials_per_task,
+            tune_minutes,
+            tuning_db,
+            tune_rpc_tracker,
+            tune_rpc_key,
+            quiet,
+        ),
     )
     manifest = result.manifest
     tuning = manifest.get("tuning", {})
     state = "tuned" if tuning.get("tuned") else "UNTUNED (expect it to be far slower than tuned)"
+    if "tasks" in tuning:  # the tuned pipeline: say how much came from the database
+        state = (
+            f"tuned ({tuning['tasks']} kernels, {tuning['trials']} trials this run)"
+            if tuning.get("tuned")
+            else f"partly tuned ({tuning['untuned_tasks']} of {tuning['tasks']} kernels "
+            "not in the tuning database)"
+        )
     if not quiet:
         click.echo(result.pipeline_run.table())
     click.echo(
         f"wrote {output} — target {manifest['target']['name']}, kernels {state}, "
         f"pipeline {manifest['pipeline'] or '(none)'}"
+    )
+
+
+def _compile_target_options(
+    tune: bool,
+    trials: int | None,
+    trials_per_task: int | None,
+    tune_minutes: float | None,
+    tuning_db: Path | None,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
+    quiet: bool,
+) -> dict[str, Any] | None:
+    options = _tuning_from_flags(
+        tune, trials, trials_per_task, tune_minutes, tuning_db, rpc_tracker, rpc_key, quiet
+    )
+    return None if options is None else {"tuning": options}
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", default="x86", show_default=True, help="`detc targets` lists them.")
+@pipeline_option
+@config_option
+@input_shape_option
+@threads_option
+@tuning_options
+@click.option(
+    "--import-db",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Merge an exported database file (or another database directory) in first.",
+)
+@click.option(
+    "--export-db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Afterwards, write this model's best records to one portable JSON file "
+    "(gzip-compressed if the name ends in .gz).",
+)
+@click.option("--quiet", is_flag=True, help="Print only the summary line.")
+def tune(
+    model: Path,
+    target: str,
+    pipeline: str | None,
+    config: Path | None,
+    input_shapes: Sequence[str],
+    threads: int | None,
+    trials: int | None,
+    trials_per_task: int | None,
+    tune_minutes: float | None,
+    tuning_db: Path | None,
+    tune_rpc_tracker: str | None,
+    tune_rpc_key: str | None,
+    import_db: Path | None,
+    export_db: Path | None,
+    quiet: bool,
+) -> None:
+    """Tune MODEL's kernels for a target into the tuning database (no artifact).
+
+    \b
+    Kernels already in the database are not searched again: a later
+    `detc compile MODEL --tune` then runs zero trials. The database is keyed by
+    kernel and target and shared by every model; Ctrl-C keeps what was measured.
+    """
+    import onnx_ir as ir
+
+    from detc.compiler.driver import optimize
+    from detc.compiler.frontend import parse_input_shapes
+    from detc.targets._tuning import tune_model
+
+    options = _tuning_from_flags(
+        True,
+        trials,
+        trials_per_task,
+        tune_minutes,
+        tuning_db,
+        tune_rpc_tracker,
+        tune_rpc_key,
+        quiet,
+    )
+    loaded, _ = optimize(
+        model, _load_pipeline(pipeline, config), input_shapes=parse_input_shapes(input_shapes)
+    )
+    if not quiet:
+        _info(f"detc: tuning {model} for {target}")
+    result = tune_model(
+        ir.serde.serialize_model(loaded.model),
+        target,
+        options,
+        num_threads=threads,
+        report=(lambda _message: None) if quiet else _info,
+        import_from=import_db,
+    )
+    tuning = result.tuning
+    if export_db is not None:
+        count = result.database.export_to(export_db, result.workloads)
+        click.echo(f"exported {count} record(s) to {export_db}")
+    click.echo(
+        f"tuned {model} for {target}: {tuning['tasks'] - tuning['untuned_tasks']} of "
+        f"{tuning['tasks']} kernels in {result.database.directory}, "
+        f"{tuning['trials']} trials this run ({tuning['stopped_by']})"
     )
 
 

@@ -59,6 +59,7 @@ def emulated_batch_runner(artifact_dir: Path) -> BatchRunner:
 
     return lambda feed_sets: run_emulated_batch(artifact_dir, list(feed_sets))
 
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",

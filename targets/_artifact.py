@@ -158,6 +158,7 @@ def build_artifact(
     num_threads: int | None = None,
     progress: bool = True,
     report: Callable[[str], None] | None = None,
+    tuning: Any = None,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target`` ("x86", "x86:<mcpu>", …) into the directory ``out_dir``.
 
@@ -165,6 +166,8 @@ def build_artifact(
     only when ``progress``) and notices such as "untuned build" (always) go to ``report`` when
     given, else to the ``detc.targets`` logger (INFO / WARNING). ``num_threads`` is the core
     count the code is built for (``num-cores``; default: this machine's physical cores).
+    ``tuning`` (a :class:`~detc.targets._tuning.TuningOptions`) selects the tuned pipeline:
+    tuning database, optionally a search, blocked layout with weights bound as constants.
     """
     clash = OWNED_FIELDS & set(manifest_fields)
     if clash:
@@ -202,6 +205,7 @@ def build_artifact(
             num_threads=threads,
             progress=progress_line,
             warn=notice,
+            tuning=tuning,
         )
         run_phases(chosen, context)
         inputs, outputs = graph_io(model)
@@ -221,7 +225,7 @@ def build_artifact(
             },
             "library": LIBRARY_FILE,
             "params": {"file": PARAMS_FILE, "count": len(context.params)},
-            "calling_convention": "inputs+params",
+            "calling_convention": context.manifest.get("calling_convention", "inputs+params"),
             "inputs": inputs,
             "outputs": outputs,
             "tuning": context.manifest["tuning"],

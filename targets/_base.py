@@ -5,8 +5,10 @@
 * **import**   ONNX → Relax (``from_onnx(keep_params_in_input=True)`` + ``detach_params``); float16
                graphs are computed in float32 where the target asks for it (``promote_float16``).
 * **legalize** Relax operators → TIR functions, fused (LegalizeOps … FuseTIR).
-* **tune**     choose schedules for those TIR functions. Today a no-op that reports ``untuned``;
-               the tuning work replaces :meth:`Target.tune` (MetaSchedule database, dispatch).
+* **tune**     choose schedules for those TIR functions. Without tuning options it reports
+               ``untuned``; with :class:`~detc.targets._tuning.TuningOptions` (``ctx.tuning``) it
+               applies the tuning database and, with ``tune=True``, searches for what it lacks
+               (_tuning.py).
 * **build**    ``tvm.compile`` to a Relax VM executable for :meth:`Target.tvm_target_json`.
 * **export**   the shared library (``export_library``, with :meth:`Target.export_options`, e.g. a
                cross compiler) and the parameters file, into the staging directory.
@@ -90,6 +92,8 @@ class BuildContext:
     num_threads: int
     progress: Callable[[str], None]  # progress lines (the caller may drop them)
     warn: Callable[[str], None]  # notices the user must see (e.g. "untuned")
+    #: TuningOptions (None: an untuned build with TVM's default schedules)
+    tuning: Any = None
     tvm_target: Any = None  # tvm.target.Target, set before the first phase
     mod: Any = None  # tvm.IRModule, from import on
     params: list[np.ndarray] = field(default_factory=list)  # main's arguments after the inputs
@@ -217,7 +221,12 @@ class Target(ABC):
         return f"{count_tir_functions(ctx.mod)} TIR functions"
 
     def tune(self, ctx: BuildContext) -> str:
-        """No tuning yet: every TIR function keeps TVM's default (unscheduled) loop nest."""
+        """With tuning options: database + search (_tuning.py). Without: every TIR function
+        keeps TVM's default (unscheduled) loop nest."""
+        if ctx.tuning is not None:
+            from detc.targets._tuning import tune_phase
+
+            return tune_phase(self, ctx)
         untuned = count_tir_functions(ctx.mod)
         ctx.manifest["tuning"] = {
             "tuned": False,
@@ -263,12 +272,15 @@ def count_tir_functions(mod: Any) -> int:
     return sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
 
 
-def run_phases(target: Target, ctx: BuildContext) -> None:
-    """Run ``target``'s phases in order, timing each; TVM failures become one-line DetcErrors."""
+def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None = None) -> None:
+    """Run ``target``'s phases in order (``only``: just these), timing each; TVM failures become
+    one-line DetcErrors."""
     import tvm
 
     ctx.tvm_target = tvm.target.Target(target.tvm_target_json(ctx.num_threads))
     for phase in target.phases():
+        if only is not None and phase.name not in only:
+            continue
         start = time.perf_counter()
         try:
             summary = phase.run(ctx)

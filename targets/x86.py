@@ -1,7 +1,10 @@
 """x86-64 CPUs through LLVM: ``x86`` (the CPU detc runs on) or ``x86:<mcpu>`` (a named CPU).
 
-Differs from the base target only in the TVM target JSON (``mcpu`` from /proc/cpuinfo, never
-"native", which LLVM 22 here refuses) and in needing a host C compiler to link ``model.so``.
+Differs from the base target in the TVM target JSON (``mcpu`` from /proc/cpuinfo, never
+"native", which LLVM 22 here refuses), in needing a host C compiler to link ``model.so``, and,
+for a tuned build (``ctx.tuning``), in its graph: weights bound as constants (the artifact's
+calling convention becomes "inputs") and convolutions in the blocked NCHW[x]c layout whose block
+is one vector register of float32 (16 with AVX-512, 8 with AVX2), see _layout.py.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import platform
 from typing import Any
 
 from detc.compiler._errors import BadInputError, ToolchainMissingError
-from detc.targets._base import Target, TargetInfo, register_target
+from detc.targets._base import BuildContext, Target, TargetInfo, register_target
 from detc.targets._cpu import REQUIRED_FLAGS, HostCpu, detect_host_cpu, missing_flags
 
 _EXAMPLE_MCPUS = ("znver3", "znver4", "skylake-avx512", "haswell", "x86-64-v3")
@@ -90,6 +93,47 @@ class X86Target(Target):
 
     def default_num_threads(self) -> int:
         return self.host.physical_cores
+
+    def channel_block(self) -> int:
+        """float32 lanes of one vector register on this target's CPU."""
+        features = REQUIRED_FLAGS.get(self.mcpu)
+        if features is None:  # a CPU detc's table lacks: trust what this host supports
+            features = self.host.flags
+        if "avx512f" in features:
+            return 16
+        return 8 if "avx" in features else 4
+
+    def _blocked(self, ctx: BuildContext) -> bool:
+        return ctx.tuning is not None and ctx.tuning.layout == "blocked"
+
+    def import_model(self, ctx: BuildContext) -> str:
+        summary = super().import_model(ctx)
+        if not self._blocked(ctx):
+            return summary
+        # Constant weights let the layout passes prepack them at compile time (no per-inference
+        # weight transforms); main() then takes the graph inputs only.
+        from tvm import relax
+
+        main = ctx.mod["main"]
+        weights = dict(zip(main.params[ctx.num_inputs :], ctx.params, strict=True))
+        ctx.mod = relax.transform.BindParams("main", weights)(ctx.mod)
+        ctx.manifest["calling_convention"] = "inputs"
+        bound = len(ctx.params)
+        ctx.params = []
+        return f"{summary}, {bound} bound as constants"
+
+    def legalize(self, ctx: BuildContext) -> str:
+        if not self._blocked(ctx):
+            return super().legalize(ctx)
+        import tvm
+
+        from detc.targets._base import count_tir_functions
+        from detc.targets._layout import blocked_layout_passes
+
+        block = self.channel_block()
+        with ctx.tvm_target:
+            ctx.mod = tvm.transform.Sequential(blocked_layout_passes(block))(ctx.mod)
+        return f"{count_tir_functions(ctx.mod)} TIR functions, NCHW{block}c"
 
     def check_toolchain(self) -> None:
         from tvm.support.cc import get_cc

@@ -1,0 +1,410 @@
+"""Relax passes that put a CPU convolution network into the blocked NCHW[x]c layout.
+
+TVM's ``ConvertLayout`` carries the layout through the elementwise ops, concatenations and
+pools between convolutions, but converts only convolutions whose channel counts are whole
+blocks. The passes here cover the two kinds it leaves behind in a detector:
+
+* a head convolution whose *output* channels are not whole blocks (YOLO's 3×85 = 255): its
+  weights get zero output channels up to a whole block and a ``strided_slice`` drops them again
+  (:func:`pad_output_channels`), so ConvertLayout converts it;
+* a first convolution whose *input* channels are not (RGB): the legalization computes its output
+  directly in blocks and converts it back to NCHW in the same function; FuseOps then fuses the
+  conversion with the next op's conversion to blocks, and the two cancel in TIR.
+
+Weights must be bound as constants (``BindParams``) for the blocked kernels to be packed at
+compile time; :func:`fold_constant_layout_transforms` does that packing in numpy rather than
+by compiling one TIR function per weight (FoldConstant took 20-35 s for yolov5n here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax, te, topi
+from tvm.ir.expr import Constant
+from tvm.relax import expr_functor
+
+from detc.kernels.conv2d_nchwc import blocked_to_nchw, conv2d_nchwc, pack_kernel
+from detc.kernels.fast_math import legalize_sigmoid
+
+
+def blocked_layouts(block: int) -> tuple[str, str]:
+    """(data layout, kernel layout) for channel block ``block``: ("NCHW16c", "OIHW16i16o")."""
+    return f"NCHW{block}c", f"OIHW{block}i{block}o"
+
+
+def _conv_attrs(call: relax.Call) -> tuple[str, str, str, int]:
+    attrs = call.attrs
+    return (
+        str(attrs.data_layout),
+        str(attrs.kernel_layout),
+        str(attrs.out_layout),
+        int(attrs.groups),
+    )
+
+
+def _is_conv2d(expr: relax.Expr) -> bool:
+    return isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d"
+
+
+@expr_functor.mutator
+class _PadOutputChannels(expr_functor.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, block: int) -> None:
+        super().__init__(mod)
+        self.block = block
+        self.padded = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not _is_conv2d(call):
+            return call
+        data_layout, kernel_layout, out_layout, groups = _conv_attrs(call)
+        weight = call.args[1]
+        if (data_layout, kernel_layout, out_layout, groups) != ("NCHW", "OIHW", "NCHW", 1):
+            return call
+        if not isinstance(weight, Constant):
+            return call
+        out_channels, in_channels = (int(d) for d in weight.value.shape[:2])
+        if in_channels % self.block == 0 and out_channels % self.block != 0:
+            array = weight.value.numpy()
+            padded = -(-out_channels // self.block) * self.block
+            extra = np.zeros((padded - out_channels, *array.shape[1:]), dtype=array.dtype)
+            new_weight = relax.const(np.concatenate([array, extra]))
+            conv = self.builder_.emit(
+                relax.Call(call.op, [call.args[0], new_weight], call.attrs, call.ty_args)
+            )
+            self.padded += 1
+            return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
+        return call
+
+
+def pad_output_channels(block: int) -> tvm.transform.Pass:
+    """Zero-pad the output channels of NCHW convolutions with whole-block inputs to whole blocks
+    (and slice them off again), so ConvertLayout puts them in the blocked layout too."""
+
+    @tvm.transform.module_pass(opt_level=0, name="PadConvOutputChannels")
+    def run(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        mutator = _PadOutputChannels(mod, block)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return run
+
+
+@expr_functor.mutator
+class _FoldConstantTransforms(expr_functor.PyExprMutator):
+    def _constant(self, expr: relax.Expr) -> Constant | None:
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            expr = expr if bound is None else bound
+        return expr if isinstance(expr, Constant) else None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        name = getattr(call.op, "name", "")
+        if name not in ("relax.layout_transform", "relax.reshape") or not call.args:
+            return call
+        source = self._constant(call.args[0])
+        if source is None:
+            return call
+        array = source.value.numpy()
+        if name == "relax.reshape":
+            shape = getattr(call.ty, "shape", None)
+            try:
+                dims = [int(d) for d in shape]  # type: ignore[union-attr]
+            except (TypeError, ValueError):
+                return call
+            return relax.const(array.reshape(dims))
+        if call.attrs.pad_value is not None:
+            return call
+        transformed = apply_index_map(call.attrs.index_map, array)
+        return call if transformed is None else relax.const(transformed)
+
+
+def apply_index_map(index_map: Any, array: np.ndarray) -> np.ndarray | None:
+    """``array`` laid out by a TIR ``IndexMap`` of +, -, *, //, % and constants, in numpy (TVM's
+    ``map_tensor`` took ~0.5 s per weight). None when the map uses anything else."""
+    from tvm import tirx
+
+    positions = dict(zip(index_map.initial_indices, np.indices(array.shape), strict=True))
+    operators = {
+        tirx.Add: np.add,
+        tirx.Sub: np.subtract,
+        tirx.Mul: np.multiply,
+        tirx.FloorDiv: np.floor_divide,
+        tirx.FloorMod: np.mod,
+    }
+
+    def evaluate(expr: Any) -> Any:
+        if isinstance(expr, tirx.Var):
+            return positions[expr]
+        if isinstance(expr, tirx.IntImm):
+            return int(expr.value)
+        for kind, operator in operators.items():
+            if isinstance(expr, kind):
+                return operator(evaluate(expr.a), evaluate(expr.b))
+        raise _UnsupportedIndex
+
+    try:
+        targets = tuple(np.broadcast_to(evaluate(e), array.shape) for e in index_map.final_indices)
+    except _UnsupportedIndex:
+        return None
+    shape = tuple(int(d) for d in index_map.map_shape(list(array.shape)))
+    result = np.zeros(shape, dtype=array.dtype)
+    result[targets] = array
+    return result
+
+
+class _UnsupportedIndex(Exception):
+    pass
+
+
+def fold_constant_layout_transforms() -> tvm.transform.Pass:
+    """``layout_transform(constant)`` and ``reshape(constant)`` → the constant, computed on the
+    host (FoldConstant compiles and runs one TIR function per call: ~10 s for yolov5n's biases)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="FoldConstantLayoutTransforms")
+    def run(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        mutator = _FoldConstantTransforms(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return run
+
+
+def _dtype_or_none(dtype: Any) -> str | None:
+    text = "" if dtype is None else str(dtype)
+    return None if text in ("", "None", "void") else text
+
+
+_MOVEMENT_OPS = ("relax.reshape", "relax.permute_dims")
+_HOISTED_ACTIVATIONS = ("relax.sigmoid",)
+
+
+@expr_functor.mutator
+class _HoistActivations(expr_functor.PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") not in _HOISTED_ACTIVATIONS:
+            return call
+        moves: list[relax.Call] = []
+        source = call.args[0]
+        while isinstance(source, relax.Var):
+            bound = self.lookup_binding(source)
+            if not isinstance(bound, relax.Call) or getattr(bound.op, "name", "") not in (
+                _MOVEMENT_OPS
+            ):
+                break
+            moves.append(bound)
+            source = bound.args[0]
+        if not moves:
+            return call
+        value = self.builder_.emit(relax.Call(call.op, [source], call.attrs, call.ty_args))
+        for move in reversed(moves):
+            value = self.builder_.emit(
+                relax.Call(move.op, [value, *move.args[1:]], move.attrs, move.ty_args)
+            )
+        return value
+
+
+def hoist_activations() -> tvm.transform.Pass:
+    """``sigmoid(transpose(reshape(x)))`` → ``transpose(reshape(sigmoid(x)))``.
+
+    An elementwise activation commutes with pure data movement; applied before the movement it
+    directly follows its convolution, fuses into the convolution's epilogue and runs vectorised
+    on the register tile. In YOLO's decode head it otherwise lands in one large injective
+    function with the split/concat bookkeeping (18 ms of 170 here).
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="HoistActivations")
+    def run(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        mutator = _HoistActivations(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+    return run
+
+
+def legalize_conv2d(block: int) -> Callable[[relax.BlockBuilder, relax.Call], relax.Expr]:
+    """The ``relax.nn.conv2d`` legalization for channel block ``block``.
+
+    * NCHW{b}c data with OIHW{b}i{b}o kernel → :func:`conv2d_nchwc`;
+    * NCHW data whose channels are not whole blocks, constant OIHW kernel with whole-block
+      outputs → blocked output plus conversion back to NCHW, one function;
+    * anything else → TVM's own legalization (a layout it cannot lower becomes NCHW around it).
+    """
+    data_blocked, kernel_blocked = blocked_layouts(block)
+    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        data_layout, kernel_layout, out_layout, groups = _conv_attrs(call)
+        attrs = call.attrs
+        out_dtype = _dtype_or_none(attrs.out_dtype)
+        options = {
+            "strides": [int(s) for s in attrs.strides],
+            "padding": [int(p) for p in attrs.padding],
+            "dilation": [int(d) for d in attrs.dilation],
+            "out_dtype": out_dtype,
+        }
+        data, weight = call.args
+        if (data_layout, kernel_layout, out_layout, groups) == (
+            data_blocked,
+            kernel_blocked,
+            data_blocked,
+            1,
+        ):
+            return bb.call_te(conv2d_nchwc, data, weight, primfunc_name_hint="conv2d", **options)
+        if (
+            (data_layout, kernel_layout, out_layout, groups) == ("NCHW", "OIHW", "NCHW", 1)
+            and isinstance(weight, Constant)
+            and int(weight.value.shape[0]) % block == 0
+        ):
+            out_channels = int(weight.value.shape[0])
+            packed = relax.const(pack_kernel(weight.value.numpy(), 1, block))
+
+            def blocked_then_nchw(d: Any, k: Any) -> Any:
+                return blocked_to_nchw(conv2d_nchwc(d, k, **options), out_channels)
+
+            return bb.call_te(blocked_then_nchw, data, packed, primfunc_name_hint="conv2d")
+        if (data_layout, kernel_layout, out_layout) == (data_blocked, kernel_blocked, data_blocked):
+            return bb.call_te(
+                _grouped_via_nchw,
+                data,
+                weight,
+                groups=groups,
+                primfunc_name_hint="conv2d",
+                **options,
+            )
+        return default(bb, call)
+
+    return legalize
+
+
+def _grouped_via_nchw(
+    data: te.Tensor,
+    weight: te.Tensor,
+    strides: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_dtype: str | None,
+) -> te.Tensor:
+    """A blocked grouped convolution (no template yet): unblock, TOPI's NCHW conv, reblock."""
+    batch, in_blocks, height, width, block = (int(d) for d in data.shape)
+    out_blocks, kernel_in_blocks, kernel_h, kernel_w, kernel_in, kernel_out = (
+        int(d) for d in weight.shape
+    )
+    plain = te.compute(
+        (batch, in_blocks * block, height, width),
+        lambda n, c, h, w: data[n, c // block, h, w, c % block],
+        name="to_nchw",
+    )
+    plain_weight = te.compute(
+        (out_blocks * kernel_out, kernel_in_blocks * kernel_in, kernel_h, kernel_w),
+        lambda o, i, y, x: weight[
+            o // kernel_out, i // kernel_in, y, x, i % kernel_in, o % kernel_out
+        ],
+        name="kernel_oihw",
+    )
+    out = topi.nn.conv(
+        plain, plain_weight, strides, padding, dilation, groups, "NCHW", "OIHW", out_dtype
+    )
+    _, channels, out_h, out_w = (int(d) for d in out.shape)
+    return te.compute(
+        (batch, channels // block, out_h, out_w, block),
+        lambda n, cb, h, w, c: out[n, cb * block + c, h, w],
+        name="to_blocked",
+    )
+
+
+#: name hint of the PrimFuncs :func:`legalize_layout_transform` makes
+LAYOUT_TRANSFORM_NAME = "layout_transform"
+#: TVM's OpPatternKind values
+_ELEMWISE = 0
+
+
+def legalize_layout_transform(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """A padding-free layout transform as a *gather* (each output element reads its source).
+
+    TVM's own lowering scatters (loops over the source), which its op-pattern analysis calls
+    opaque, so FuseOps never fuses it: every NCHW <-> NCHW16c conversion at a graph boundary was
+    a separate pass over memory. A gather is an injective block the convolution template inlines
+    into its epilogue.
+    """
+    default = tvm.ir.Op.get("relax.layout_transform").get_attr("FLegalize")
+    if call.attrs.pad_value is not None:
+        return default(bb, call)
+    index_map = call.attrs.index_map
+    source_shape = [int(d) for d in call.args[0].ty.shape]
+    try:
+        inverse = index_map.inverse(source_shape)
+    except Exception:  # not bijective on this shape
+        return default(bb, call)
+    out_shape = [int(d) for d in index_map.map_shape(source_shape)]
+
+    def gather(data: te.Tensor) -> te.Tensor:
+        return te.compute(
+            out_shape,
+            lambda *indices: data[tuple(inverse.map_indices(list(indices)))],
+            name="layout_transform",
+        )
+
+    return bb.call_te(gather, call.args[0], primfunc_name_hint=LAYOUT_TRANSFORM_NAME)
+
+
+def mark_layout_transforms_elementwise() -> tvm.transform.Pass:
+    """Let FuseOps fuse :func:`legalize_layout_transform`'s gathers into a convolution's
+    epilogue (it fuses only elementwise and broadcast ops there). Run after
+    AnnotateTIROpPattern."""
+
+    @tvm.transform.module_pass(opt_level=0, name="MarkLayoutTransformsElementwise")
+    def run(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        updated = tvm.IRModule(mod.functions, attrs=mod.attrs)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc) and gvar.name_hint.startswith(
+                LAYOUT_TRANSFORM_NAME
+            ):
+                updated[gvar] = func.with_attr("op_pattern", _ELEMWISE)
+        return updated
+
+    return run
+
+
+def legalize_map(block: int) -> dict[str, Callable[[relax.BlockBuilder, relax.Call], relax.Expr]]:
+    """``customize_legalize_map`` for LegalizeOps on a blocked CPU target."""
+    return {
+        "relax.nn.conv2d": legalize_conv2d(block),
+        "relax.sigmoid": legalize_sigmoid,
+        "relax.layout_transform": legalize_layout_transform,
+    }
+
+
+def blocked_layout_passes(block: int) -> list[tvm.transform.Pass]:
+    """The Relax passes from a freshly imported (params bound) module to fused TIR, blocked."""
+    data_layout, kernel_layout = blocked_layouts(block)
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        fold_constant_layout_transforms(),
+        hoist_activations(),
+        pad_output_channels(block),
+        relax.transform.ConvertLayout({"relax.nn.conv2d": [data_layout, kernel_layout]}),
+        # ConvertLayout converts a tensor once per consumer; one conversion can fuse upstream.
+        relax.transform.EliminateCommonSubexpr(),
+        fold_constant_layout_transforms(),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize_map(block)),
+        relax.transform.AnnotateTIROpPattern(),
+        mark_layout_transforms_elementwise(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
