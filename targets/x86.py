@@ -109,6 +109,11 @@ class X86Target(Target):
     def import_model(self, ctx: BuildContext) -> str:
         summary = super().import_model(ctx)
         if not self._blocked(ctx):
+            from detc.targets._int8 import bind_quantization_params, has_quantized_ops
+
+            if has_quantized_ops(ctx.mod):
+                # The int8 lowering reads quantized weights, scales and zero points as constants.
+                ctx.mod, ctx.params = bind_quantization_params(ctx.mod, ctx.params, ctx.num_inputs)
             return summary
         # Constant weights let the layout passes prepack them at compile time (no per-inference
         # weight transforms); main() then takes the graph inputs only.
@@ -122,17 +127,25 @@ class X86Target(Target):
         ctx.params = []
         return f"{summary}, {bound} bound as constants"
 
+    def legalize_passes(self) -> list[Any]:
+        # First: FoldConstant would turn dequantize(W_q) into a float weight and hide the pattern.
+        from detc.targets._int8 import lower_qdq_conv2d_to_int8
+
+        return [lower_qdq_conv2d_to_int8(float_outputs=True), *super().legalize_passes()]
+
     def legalize(self, ctx: BuildContext) -> str:
         if not self._blocked(ctx):
             return super().legalize(ctx)
         import tvm
 
         from detc.targets._base import count_tir_functions
+        from detc.targets._int8 import lower_qdq_conv2d_to_int8
         from detc.targets._layout import blocked_layout_passes
 
         block = self.channel_block()
+        passes = [lower_qdq_conv2d_to_int8(float_outputs=True), *blocked_layout_passes(block)]
         with ctx.tvm_target:
-            ctx.mod = tvm.transform.Sequential(blocked_layout_passes(block))(ctx.mod)
+            ctx.mod = tvm.transform.Sequential(passes)(ctx.mod)
         return f"{count_tir_functions(ctx.mod)} TIR functions, NCHW{block}c"
 
     def check_toolchain(self) -> None:
