@@ -185,6 +185,9 @@ def sweep_cmd(
 
 
 def register(cli: click.Group) -> None:
+    from detc.compiler._cli_quant import quant_report
+
     cli.add_command(data_group)
     cli.add_command(demo_group)
     cli.add_command(sweep_cmd)
+    cli.add_command(quant_report)

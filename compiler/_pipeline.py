@@ -133,7 +133,15 @@ def parse_pipeline(text: str) -> Pipeline:
     if not text.strip():
         return Pipeline(())
     while True:
+        # "<default>" (as the docs write a placeholder) means the same as "default"
+        bracketed = scanner.peek() == "<"
+        if bracketed:
+            scanner.pos += 1
         name = scanner.regex(_NAME, "a kebab-case pass name")
+        if bracketed:
+            if name != "default":
+                scanner.fail("only <default> may be written in angle brackets")
+            scanner.expect(">")
         options: list[tuple[str, str]] = []
         if scanner.peek() == "{":
             scanner.expect("{")

@@ -8,6 +8,7 @@ from detc.passes.fold_conv_bn import FoldConvBatchNormPass
 from detc.passes.fold_conv_mul_add import FoldConvMulAddPass
 from detc.passes.lowrank import LowRankPass
 from detc.passes.prune import PrunePass
+from detc.passes.quantize import QuantizePass
 from detc.passes.remove_identity import RemoveIdentityPass
 
 #: every built-in pass; the registry adds plugins from the entry-point group ``detc.passes``
@@ -18,6 +19,7 @@ BUILTIN_PASSES = (
     FoldConvMulAddPass,
     LowRankPass,
     PrunePass,
+    QuantizePass,
     RemoveIdentityPass,
 )
 
@@ -29,5 +31,6 @@ __all__ = [
     "FoldConvMulAddPass",
     "LowRankPass",
     "PrunePass",
+    "QuantizePass",
     "RemoveIdentityPass",
 ]

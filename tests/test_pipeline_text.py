@@ -109,3 +109,10 @@ def test_unknown_pass_lists_the_known_ones() -> None:
 def test_syntax_errors_say_where(text: str, where: str) -> None:
     with pytest.raises(BadInputError, match="pipeline .*" + where.replace("(", r"\(")):
         parse_pipeline(text)
+
+
+def test_default_in_angle_brackets_is_the_default_pipeline() -> None:
+    # the form the docs use for a placeholder: "<default>,quantize{...}"
+    assert str(parse_pipeline("<default>,fold-conv-bn")) == f"{DEFAULT_PIPELINE},fold-conv-bn"
+    with pytest.raises(BadInputError, match="only <default>"):
+        parse_pipeline("<fold-conv-bn>")
