@@ -374,6 +374,16 @@ def compile(
         from detc.compiler.modelspec import load_spec
 
         model_spec = load_spec(spec)
+    tuning = _tuning_from_flags(
+        tune,
+        trials,
+        trials_per_task,
+        tune_minutes,
+        tuning_db,
+        tune_rpc_tracker,
+        tune_rpc_key,
+        quiet,
+    )
     if not quiet:
         _info(f"detc: compiling {model} for {target}")
     result = compile_model(
@@ -388,16 +398,7 @@ def compile(
         num_threads=threads,
         on_pass=_pass_printer(quiet),
         progress=not quiet,
-        target_options=_compile_target_options(
-            tune,
-            trials,
-            trials_per_task,
-            tune_minutes,
-            tuning_db,
-            tune_rpc_tracker,
-            tune_rpc_key,
-            quiet,
-        ),
+        target_options=None if tuning is None else {"tuning": tuning},
     )
     manifest = result.manifest
     tuning = manifest.get("tuning", {})
@@ -415,22 +416,6 @@ def compile(
         f"wrote {output} — target {manifest['target']['name']}, kernels {state}, "
         f"pipeline {manifest['pipeline'] or '(none)'}"
     )
-
-
-def _compile_target_options(
-    tune: bool,
-    trials: int | None,
-    trials_per_task: int | None,
-    tune_minutes: float | None,
-    tuning_db: Path | None,
-    rpc_tracker: str | None,
-    rpc_key: str | None,
-    quiet: bool,
-) -> dict[str, Any] | None:
-    options = _tuning_from_flags(
-        tune, trials, trials_per_task, tune_minutes, tuning_db, rpc_tracker, rpc_key, quiet
-    )
-    return None if options is None else {"tuning": options}
 
 
 @cli.command()
