@@ -8,13 +8,21 @@ Three steps, each in its own section below:
 3. **Recovery**: with calibration images, every Conv that lost input channels is refit by least
    squares so that it reproduces its *original* output: ``min ||W x + b - (W' x' + b')||^2``
    over sampled output pixels, with ``x'`` the surviving im2col patch and a constant column for
-   the bias. ``sequential`` does it level by level on the pruned model's own activations, so
-   every later Conv also absorbs the drift of earlier ones.
+   the bias (``passes/_reconstruct.py``). ``sequential`` does it level by level on the pruned
+   model's own activations, so each refit also absorbs the drift of the cuts before it.
+   Without a refit, ``mean_shift`` still moves the cut channels' mean into the biases.
 
 The ``lsq`` importance ranks channels the way recovery will judge them: it removes, one at a
 time, the channel whose loss the others can best make up for (the least-squares error after an
 optimal refit grows least), updating the inverse Gram matrix as it goes — the structured form of
 Optimal Brain Surgeon on a layer-wise reconstruction objective.
+
+How much each group loses is the real question on a compact detector: a cut that its consumers
+reconstruct well can still ruin the boxes three layers later. ``allocation=outputs`` therefore
+measures it: each group is cut alone at a few depths (consumers refit in one shot) and the
+model's outputs on calibration images are compared with the original's — as detections when
+the model spec's decoder reads them. The global competition then spends the MAC budget where
+the measured damage per MAC saved is least.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,10 +39,12 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 import onnx_ir as ir
-import scipy.linalg
 
+from detc.compiler._errors import BadInputError
 from detc.compiler._ort import ort_session, run_session, to_proto
 from detc.compiler._pass import Candidate, DetcPass, PassResult, node_label
+from detc.compiler.decoders import Detections, decode
+from detc.compiler.modelspec import ModelSpec, load_spec, spec_from_onnx
 from detc.passes._calibration import (
     ConvGeometry,
     calibration_feeds,
@@ -42,6 +52,7 @@ from detc.passes._calibration import (
     extract_patches,
     sample_positions,
     static_facts,
+    with_extra_outputs,
 )
 from detc.passes._channel_groups import (
     ChannelGraph,
@@ -51,15 +62,14 @@ from detc.passes._channel_groups import (
     remove_units,
 )
 from detc.passes._graph_facts import constant_array, set_constant_input
+from detc.passes._reconstruct import NormalEquations, mean_shift_bias, patch_mask
 
 logger = logging.getLogger(__name__)
 
 IMPORTANCE = ("auto", "l1", "l2", "bn", "data", "lsq")
 SCOPES = ("layer", "global")
+ALLOCATIONS = ("auto", "consumers", "outputs")
 
-#: ridge added to the least-squares normal equations, relative to their mean diagonal: enough to
-#: tame channels that are (nearly) dead on the calibration images, far below any real signal
-_RIDGE = 1e-4
 #: images the end-to-end output error is measured on (a diagnostic, not a gate)
 _OUTPUT_ERROR_IMAGES = 4
 
@@ -99,6 +109,23 @@ class PruneOptions:
         "NCHWc kernels need it) and are whole multiples of AVX2's 8 and NEON's 4",
     )
     max_ratio: float = _option(0.5, "no group loses more than this fraction of its channels")
+    activation_cost: float = _option(
+        0.0,
+        "scope=global: what removing one activation element is worth, in MACs, when choosing "
+        "where to cut (the MAC goal still counts MACs): elementwise ops, Concat and layout "
+        "copies take time per element",
+    )
+    allocation: str = _option(
+        "auto",
+        "how scope=global shares the cut among groups: consumers (by the least-squares error of "
+        "the Convs reading each group: cheap, blind to what follows) or outputs (each group cut "
+        "alone at a few depths, its effect measured on the model's outputs: detections against "
+        "the original's when the model spec's decoder reads them, else the head Convs' "
+        "outputs); auto: outputs with calib",
+    )
+    probe_images: int = _option(
+        16, "calibration images each trial cut of allocation=outputs is measured on"
+    )
     calib: Path | None = _option(  # noqa: RUF009 (_option returns a dataclasses.field)
         None, "folder of images (or a COCO dataset folder) for data-aware importance and recovery"
     )
@@ -110,10 +137,26 @@ class PruneOptions:
     recover: bool = _option(
         True, "refit the Convs reading cut channels by least squares on calib (needs calib)"
     )
+    ridge: float = _option(
+        1e-4,
+        "ridge of the refit, relative to the mean diagonal of its normal equations; it pulls "
+        "towards the original weights",
+    )
+    mean_shift: bool = _option(
+        True,
+        "with recover=false and calib: move the cut channels' mean contribution into the "
+        "biases of the Convs reading them (the weights stay sliced)",
+    )
     sequential: bool = _option(
         True,
-        "refit level by level on the pruned model's own activations, every Conv downstream of a "
-        "cut included (one calibration run per level); else refit the cut Convs in one shot",
+        "refit level by level, each Conv on the pruned model's own activations (what it will "
+        "really read) against the original's outputs (one calibration run per level); else "
+        "refit the cut Convs in one shot on the original's activations",
+    )
+    downstream: bool = _option(
+        False,
+        "sequential: also refit every uncut Conv downstream of a cut (to absorb the drift); "
+        "with a few dozen calibration images this fits their noise more than it helps",
     )
     seed: int = _option(0, "seed of every random draw (calibration images, sampled pixels)")
 
@@ -128,14 +171,24 @@ class PruneOptions:
             raise ValueError(
                 f"importance={self.importance!r} must be one of {', '.join(IMPORTANCE)}"
             )
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"allocation={self.allocation!r} must be one of {', '.join(ALLOCATIONS)}"
+            )
+        if self.allocation == "outputs" and self.calib is None:
+            raise ValueError("allocation=outputs needs calib=DIR (calibration images)")
+        if self.activation_cost < 0.0:
+            raise ValueError(f"activation_cost={self.activation_cost} must not be negative")
+        if self.ridge < 0.0:
+            raise ValueError(f"ridge={self.ridge} must not be negative")
         if self.importance in ("data", "lsq") and self.calib is None:
             raise ValueError(f"importance={self.importance} needs calib=DIR (calibration images)")
         if self.multiple < 1:
             raise ValueError(f"multiple={self.multiple} must be at least 1")
         if not 0.0 < self.max_ratio < 1.0:
             raise ValueError(f"max_ratio={self.max_ratio} must be in (0, 1)")
-        if self.calib_images < 1 or self.samples < 1:
-            raise ValueError("calib_images and samples must be at least 1")
+        if self.calib_images < 1 or self.samples < 1 or self.probe_images < 1:
+            raise ValueError("calib_images, samples and probe_images must be at least 1")
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -170,6 +223,11 @@ class PruneReport:
     output_error_after: float | None = None
     calib_images: int = 0
     seconds: float = 0.0
+    allocation: str = "consumers"
+    probe_metric: str | None = None  # what allocation=outputs measured
+    probes: list[ProbeCut] = field(default_factory=list)
+    recovery: str = "none"  # least squares, mean shift or none
+    probes_images: int = 0
 
     @property
     def mac_reduction(self) -> float:
@@ -183,6 +241,10 @@ class PruneReport:
             "macs_after": self.macs_after,
             "mac_reduction": round(self.mac_reduction, 4),
             "calib_images": self.calib_images,
+            "allocation": self.allocation,
+            "probe_metric": self.probe_metric,
+            "probes": [vars(p) for p in self.probes],
+            "recovery": self.recovery,
             "output_error_before": self.output_error_before,
             "output_error_after": self.output_error_after,
             "groups": [vars(g) for g in self.groups],
@@ -195,8 +257,19 @@ class PruneReport:
         lines = [
             f"prune: {len(cut)} of {len(self.groups)} channel groups cut, MACs "
             f"{self.macs_before / 1e6:,.1f} M -> {self.macs_after / 1e6:,.1f} M "
-            f"(-{100 * self.mac_reduction:.1f} %), importance {self.importance}",
+            f"(-{100 * self.mac_reduction:.1f} %), importance {self.importance}, allocation "
+            f"{self.allocation}, recovery {self.recovery}",
         ]
+        if self.probes:
+            lines.append(
+                f"trial cuts on {self.probes_images} calibration images, each group alone "
+                f"({self.probe_metric}):"
+            )
+            for p in self.probes:
+                lines.append(
+                    f"  {p.name[:48]:<48} -{p.units:<4} MACs -{p.macs_saved / 1e6:7.1f} M "
+                    f"distortion {p.distortion:.4f}"
+                )
         for g in self.groups:
             state = f"{g.channels:>4} -> {g.kept:<4}" if not g.reason else f"kept: {g.reason}"
             lines.append(f"  {g.name[:48]:<48} {state}")
@@ -212,8 +285,8 @@ class PruneReport:
         if self.output_error_before is not None:
             after = f"{self.output_error_after:.5f}" if self.output_error_after is not None else "-"
             lines.append(
-                f"graph outputs, relative squared error: {self.output_error_before:.5f} without "
-                f"recovery, {after} with"
+                f"graph outputs, relative squared error: {self.output_error_before:.5f} sliced, "
+                f"{after} after {self.recovery}"
             )
         return "\n".join(lines)
 
@@ -281,9 +354,21 @@ class PrunePass(DetcPass):
             stats = _Statistics.collect(original, cg, candidates, geometry, feeds, opts)
             report.calib_images = len(feeds)
 
-        cost = _MacModel(cg, node_macs, macs_before)
+        unit_elements = _unit_elements(model, cg) if opts.activation_cost else None
+        cost = _MacModel(cg, node_macs, macs_before, unit_elements, opts.activation_cost)
         rankings = {g.index: _rank(cg, g, mode, stats, opts) for g in candidates}
-        keep = _allocate(candidates, rankings, cost, stats, cg, opts)
+        probe = None
+        allocation = opts.allocation
+        if allocation == "auto":
+            allocation = "outputs" if stats is not None else "consumers"
+        if opts.scope == "global" and allocation == "outputs" and stats is not None:
+            probe = _OutputProbe(model, cg, feeds[: opts.probe_images], opts.spec)
+            report.probe_metric = probe.metric
+            report.probes_images = min(opts.probe_images, len(feeds))
+        report.allocation = allocation if opts.scope == "global" else "uniform per layer"
+        keep = _allocate(candidates, rankings, cost, stats, cg, opts, probe)
+        if probe is not None:
+            report.probes = probe.cuts
         removed = _removed_units(candidates, rankings, keep)
         report.groups = [
             GroupDecision(
@@ -298,11 +383,16 @@ class PrunePass(DetcPass):
 
         report.macs_after = cost.macs(removed)
         remove_units(model.graph, cg, removed)
-        if stats is not None and original is not None and opts.recover:
-            probe = feeds[:_OUTPUT_ERROR_IMAGES]
-            report.output_error_before = _output_error(original, model, probe)
-            report.fits = _recover(model, cg, removed, stats, feeds, opts)
-            report.output_error_after = _output_error(original, model, probe)
+        if stats is not None and original is not None and (opts.recover or opts.mean_shift):
+            few = feeds[:_OUTPUT_ERROR_IMAGES]
+            report.output_error_before = _output_error(original, model, few)
+            if opts.recover:
+                report.recovery = "least squares" + (", sequential" if opts.sequential else "")
+                report.fits = _recover(model, cg, removed, stats, feeds, opts)
+            else:
+                report.recovery = "mean shift"
+                _shift_means(model, cg, removed, stats)
+            report.output_error_after = _output_error(original, model, few)
         report.seconds = time.perf_counter() - started
         logger.info("%s", report.table())
         return PassResult(model, True)
@@ -450,7 +540,7 @@ def _lsq_ranking(cg: ChannelGraph, group: ChannelGroup, stats: _Statistics, step
         for channel, unit in enumerate(units.tolist()):
             if unit in position:
                 blocks.setdefault(unit, []).extend(range(channel * taps, (channel + 1) * taps))
-        moments = _Moments.one_shot(layer, np.ones(len(units), bool), None)
+        moments = _one_shot(layer, np.ones(len(units), bool), None)
         surgeons.append(
             _Surgeon(
                 precision=np.linalg.inv(moments.regularized_gram()),
@@ -483,9 +573,21 @@ def _lsq_ranking(cg: ChannelGraph, group: ChannelGroup, stats: _Statistics, step
 
 
 class _MacModel:
-    """Predicted MACs after removing units: every sliced Conv scales with its kept fractions."""
+    """Predicted MACs after removing units: every sliced Conv scales with its kept fractions.
 
-    def __init__(self, cg: ChannelGraph, node_macs: dict[ir.Node, int], total: int) -> None:
+    ``work`` adds ``activation_cost`` MACs' worth of time for every activation element that a
+    cut removes: on a CPU the elementwise ops between Convs (activations, Concat, Add, the
+    layout copies) cost time per element, not per MAC, and a cut saves that too.
+    """
+
+    def __init__(
+        self,
+        cg: ChannelGraph,
+        node_macs: dict[ir.Node, int],
+        total: int,
+        unit_elements: dict[int, int] | None = None,
+        activation_cost: float = 0.0,
+    ) -> None:
         self.total = total
         self.terms = []
         for role in cg.convs:
@@ -495,6 +597,8 @@ class _MacModel:
             out_units = cg.units_of(role.node.outputs[0])
             in_units = None if role.depthwise else cg.units_of(role.node.inputs[0])
             self.terms.append((macs, out_units, in_units))
+        self.unit_elements = unit_elements or {}
+        self.activation_cost = activation_cost
 
     def macs(self, removed: np.ndarray) -> int:
         saved = 0.0
@@ -505,6 +609,40 @@ class _MacModel:
                     fraction *= 1.0 - np.isin(units, removed).mean()
             saved += macs * (1.0 - fraction)
         return round(self.total - saved)
+
+    def work(self, removed: np.ndarray) -> float:
+        """MACs left plus ``activation_cost`` per activation element removed, negated."""
+        if not self.activation_cost:
+            return float(self.macs(removed))
+        elements = sum(self.unit_elements.get(int(u), 0) for u in np.unique(removed).tolist())
+        return self.macs(removed) - self.activation_cost * elements
+
+
+def _unit_elements(model: ir.Model, cg: ChannelGraph) -> dict[int, int]:
+    """Per unit: activation elements it occupies over every tensor that carries it.
+
+    Shapes come from shape inference on a copy (a clone keeps node and output order).
+    """
+    import onnx_ir.passes.common as common_passes
+
+    clone = model.clone()
+    common_passes.ShapeInferencePass()(clone)
+    twins: dict[ir.Value, ir.Value] = dict(zip(model.graph.inputs, clone.graph.inputs, strict=True))
+    for node, twin in zip(model.graph, clone.graph, strict=True):
+        twins.update(zip(node.outputs, twin.outputs, strict=True))
+    elements: dict[int, int] = {}
+    for value in cg.tracked:
+        shaped = twins.get(value)
+        shape = None if shaped is None else shaped.shape
+        dims = [] if shape is None else [d for d in shape if isinstance(d, int)]
+        if shape is None or len(dims) != len(shape) or len(dims) < 2:
+            continue
+        per_channel = math.prod(dims) // max(dims[1], 1)
+        units = cg.units_of(value)
+        assert units is not None
+        for unit in units.tolist():
+            elements[unit] = elements.get(unit, 0) + per_channel
+    return elements
 
 
 def _round_keep(keep: float, size: int, multiple: int) -> int:
@@ -526,6 +664,7 @@ def _allocate(
     stats: _Statistics | None,
     cg: ChannelGraph,
     opts: PruneOptions,
+    probe: _OutputProbe | None = None,
 ) -> dict[int, int]:
     """How many units each candidate group keeps."""
     floor = {
@@ -552,7 +691,24 @@ def _allocate(
             else:
                 low = middle
         return uniform(high)
-    return _greedy(groups, rankings, cost, stats, cg, floor, opts)
+    if probe is not None and stats is not None:
+        curves = {
+            g.index: _measure_curve(
+                g, rankings[g.index], floor[g.index], cg, stats, probe, cost, opts
+            )
+            for g in groups
+        }
+        return _greedy(groups, rankings, cost, floor, opts, lambda g, kept: curves[g.index](kept))
+    cache: dict[tuple[int, int], float] = {}
+    plain_scores = {g.index: _scores(cg, g, "l2", None) for g in groups if stats is None}
+
+    def local(group: ChannelGroup, kept: int) -> float:
+        key = (group.index, kept)
+        if key not in cache:
+            cache[key] = _local_hurt(group, kept, rankings, stats, cg, plain_scores)
+        return cache[key]
+
+    return _greedy(groups, rankings, cost, floor, opts, local)
 
 
 def _local_hurt(
@@ -579,16 +735,16 @@ def _greedy(
     groups: Sequence[ChannelGroup],
     rankings: dict[int, _Ranking],
     cost: _MacModel,
-    stats: _Statistics | None,
-    cg: ChannelGraph,
     floor: dict[int, int],
     opts: PruneOptions,
+    hurt: Callable[[ChannelGroup, int], float],
 ) -> dict[int, int]:
     """Cut one `multiple` of channels at a time where it hurts least per MAC saved.
 
-    Hurt is the consumers' summed relative reconstruction error after a least-squares refit
-    (from the lsq path, or solved for the cut) when calibration statistics exist; otherwise the
-    importance of the channels cut relative to their group's mean.
+    ``hurt(group, kept)`` is the damage of keeping ``kept`` units of ``group``: measured on the
+    model's outputs (allocation=outputs), else the consumers' summed relative reconstruction
+    error after a least-squares refit when calibration statistics exist, else the importance of
+    the channels cut relative to their group's mean.
     """
     keep = {g.index: g.size for g in groups}
     channel_goal = opts.ratio * sum(g.size for g in groups)
@@ -596,14 +752,6 @@ def _greedy(
     if mac_goal is None and channel_goal <= 0:
         return keep
     by_index = {g.index: g for g in groups}
-    cache: dict[tuple[int, int], float] = {}
-    plain_scores = {g.index: _scores(cg, g, "l2", None) for g in groups if stats is None}
-
-    def hurt(group: ChannelGroup, kept: int) -> float:
-        key = (group.index, kept)
-        if key not in cache:
-            cache[key] = _local_hurt(group, kept, rankings, stats, cg, plain_scores)
-        return cache[key]
 
     def next_step(group: ChannelGroup) -> tuple[float, int, int] | None:
         current = keep[group.index]
@@ -611,7 +759,7 @@ def _greedy(
         if target >= current or target < floor[group.index]:
             return None
         order = rankings[group.index].order
-        saved = cost.macs(group.units[order[: group.size - current]]) - cost.macs(
+        saved = cost.work(group.units[order[: group.size - current]]) - cost.work(
             group.units[order[: group.size - target]]
         )
         extra = hurt(group, target) - hurt(group, current)
@@ -633,6 +781,255 @@ def _greedy(
         if step is not None:
             heapq.heappush(heap, step)
     return keep
+
+
+# --- allocation measured on the model's outputs ------------------------------------------------
+
+#: how deep (fraction of its channels) allocation=outputs cuts each group, alone, to measure it
+_PROBE_DEPTHS = (0.125, 0.25, 0.375, 0.5)
+#: a reference detection from this score up is a pseudo ground truth of the agreement score
+_CONFIDENT_SCORE = 0.25
+_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+
+
+@dataclass(frozen=True)
+class ProbeCut:
+    """One trial of allocation=outputs: ``units`` of a group cut alone, and what it did."""
+
+    name: str
+    units: int
+    macs_saved: int
+    distortion: float
+
+
+def _probe_cuts(group: ChannelGroup, floor: int, multiple: int) -> list[int]:
+    """How many units each trial of ``group`` removes: its depths, in whole multiples."""
+    cuts: list[int] = []
+    for depth in _PROBE_DEPTHS:
+        units = min(multiple * max(1, math.ceil(group.size * depth / multiple)), group.size - floor)
+        if units > 0 and units not in cuts:
+            cuts.append(units)
+    return cuts
+
+
+def _trial_weights(
+    cg: ChannelGraph,
+    group: ChannelGroup,
+    removed: np.ndarray,
+    stats: _Statistics,
+    ridge: float,
+) -> dict[ir.Node, tuple[np.ndarray, np.ndarray]]:
+    """Weights of the Convs reading ``group`` once ``removed`` go, refit in one shot.
+
+    The removed inputs keep zero columns instead of being sliced away: the same function as the
+    pruned graph, so a trial is the original graph with a few weights swapped.
+    """
+    weights: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
+    for consumer in group.consumers:
+        layer = stats.layers.get(id(consumer))
+        keep_in = cg.keep_mask(consumer.inputs[0], removed)
+        if layer is None or keep_in is None or keep_in.all():
+            continue
+        columns = patch_mask(keep_in, layer.taps)
+        theta = _one_shot(layer, keep_in, None).solve(ridge, prior=layer.original[:, columns].T)
+        full = np.zeros_like(layer.original)
+        full[:, columns] = theta.T
+        dtype = layer.role.weight.dtype
+        weights[consumer] = (
+            full[:, :-1].reshape(layer.role.weight.shape).astype(dtype),
+            full[:, -1].astype(dtype),
+        )
+    return weights
+
+
+def _measure_curve(
+    group: ChannelGroup,
+    ranking: _Ranking,
+    floor: int,
+    cg: ChannelGraph,
+    stats: _Statistics,
+    probe: _OutputProbe,
+    cost: _MacModel,
+    opts: PruneOptions,
+) -> Callable[[int], float]:
+    """Distortion of the model's outputs against the number of units ``group`` keeps.
+
+    Measured at a few depths, the group cut alone; linear in between. A deeper cut is never
+    scored as less harmful than a shallower one (the envelope of the noisy measurements).
+    """
+    gone = [0]
+    distortion = [0.0]
+    for units in _probe_cuts(group, floor, opts.multiple):
+        removed = group.units[ranking.order[:units]]
+        measured = probe.distortion(_trial_weights(cg, group, removed, stats, opts.ridge))
+        probe.cuts.append(ProbeCut(group.name, units, cost.total - cost.macs(removed), measured))
+        gone.append(units)
+        distortion.append(max(distortion[-1], measured))
+
+    def curve(kept: int) -> float:
+        cut = group.size - kept
+        if cut <= gone[-1] or len(gone) < 2:
+            return float(np.interp(cut, gone, distortion))
+        slope = (distortion[-1] - distortion[-2]) / (gone[-1] - gone[-2])
+        return distortion[-1] + slope * (cut - gone[-1])
+
+    return curve
+
+
+class _OutputProbe:
+    """Runs the original graph with some Convs' weights swapped; scores its outputs.
+
+    The score is the disagreement with the original model: with a decoder that reads the
+    outputs (the model spec's), one minus the mAP@[.5:.95] of the trial's detections against the
+    original's confident detections; else the relative squared error of the head Convs'
+    outputs (per channel, averaged), or of the graph outputs when there is no head.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        cg: ChannelGraph,
+        feeds: Sequence[dict[str, np.ndarray]],
+        spec_path: Path | None,
+    ) -> None:
+        heads = [r.node.outputs[0] for r in cg.convs if _is_head(cg, r.node)]
+        self._compared = [v.name for v in heads if v.name and not v.is_graph_output()]
+        base = to_proto(model)
+        self._base = with_extra_outputs(base, self._compared) if self._compared else base
+        if not self._compared:
+            self._compared = [o.name for o in self._base.graph.output]
+        self._positions = {id(node): i for i, node in enumerate(model.graph)}
+        self._feeds = list(feeds)
+        session = ort_session(self._base)
+        self._reference = [run_session(session, feed) for feed in self._feeds]
+        self._spec = self._detection_spec(spec_path)
+        self._truths: list[Detections] | None = None
+        if self._spec is not None:
+            self._truths = [d.above(_CONFIDENT_SCORE) for d in self._detections(self._reference)]
+            if not any(len(d) for d in self._truths):
+                self._truths = None
+        self.metric = (
+            "1 - mAP@[.5:.95] against the original's detections"
+            if self._truths is not None
+            else "relative squared error of the head Convs' outputs"
+        )
+        self.cuts: list[ProbeCut] = []
+
+    def _detection_spec(self, spec_path: Path | None) -> ModelSpec | None:
+        spec = load_spec(spec_path) if spec_path is not None else spec_from_onnx(self._base)
+        try:  # a spec inferred for a model that is no detector: its outputs do not decode
+            self._detections(self._reference[:1], spec)
+        except (BadInputError, ValueError, IndexError, KeyError):
+            return None
+        return spec
+
+    def _detections(
+        self, outputs: Sequence[dict[str, np.ndarray]], spec: ModelSpec | None = None
+    ) -> list[Detections]:
+        chosen = spec or self._spec
+        assert chosen is not None
+        return [decode(chosen.decoder, o, chosen) for o in outputs]
+
+    def distortion(self, weights: dict[ir.Node, tuple[np.ndarray, np.ndarray]]) -> float:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self._base)
+        for number, (node, (weight, bias)) in enumerate(weights.items()):
+            target = proto.graph.node[self._positions[id(node)]]
+            names = (f"prune_probe_{number}_weight", f"prune_probe_{number}_bias")
+            proto.graph.initializer.extend(
+                [
+                    onnx.numpy_helper.from_array(weight, names[0]),
+                    onnx.numpy_helper.from_array(bias, names[1]),
+                ]
+            )
+            inputs = [*target.input, "", ""][:3]
+            inputs[1:3] = names
+            del target.input[:]
+            target.input.extend(inputs)
+        session = ort_session(proto)
+        outputs = [run_session(session, feed) for feed in self._feeds]
+        if self._truths is not None:
+            return 1.0 - _agreement(self._truths, self._detections(outputs))
+        return _relative_error(self._reference, outputs, self._compared)
+
+
+def _relative_error(
+    reference: Sequence[dict[str, np.ndarray]],
+    outputs: Sequence[dict[str, np.ndarray]],
+    names: Sequence[str],
+) -> float:
+    """Squared error over variance, per channel (axis 1) of each tensor, averaged."""
+    ratios = []
+    for name in names:
+        expected = np.concatenate([r[name] for r in reference]).astype(np.float64)
+        actual = np.concatenate([o[name] for o in outputs]).astype(np.float64)
+        if expected.ndim >= 2:
+            expected = np.moveaxis(expected, 1, 0).reshape(expected.shape[1], -1)
+            actual = np.moveaxis(actual, 1, 0).reshape(actual.shape[1], -1)
+        else:
+            expected, actual = expected.reshape(1, -1), actual.reshape(1, -1)
+        error = ((actual - expected) ** 2).sum(axis=1)
+        variance = ((expected - expected.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        ratios.append(error / (variance + 1e-3 * float(variance.mean()) + 1e-30))
+    return float(np.concatenate(ratios).mean())
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (N, 4) with every box of ``b`` (M, 4), x1 y1 x2 y2."""
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    overlap = np.clip(bottom_right - top_left, 0.0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0.0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0.0, None).prod(axis=1)
+    return overlap / np.maximum(area_a[:, None] + area_b[None, :] - overlap, 1e-12)
+
+
+def _agreement(truths: Sequence[Detections], found: Sequence[Detections]) -> float:
+    """COCO-style mAP@[.5:.95] of ``found`` with ``truths`` as ground truth (classes apart).
+
+    Detections go by falling score; each takes the best-overlapping truth of its class not yet
+    taken at that IoU threshold; precision is interpolated at 101 recall points.
+    """
+    classes = np.unique(np.concatenate([t.class_ids for t in truths]))
+    recall_points = np.linspace(0.0, 1.0, 101)
+    precisions = []
+    for cls in classes.tolist():
+        total = sum(int((t.class_ids == cls).sum()) for t in truths)
+        scores: list[np.ndarray] = []
+        hits: list[np.ndarray] = []
+        for truth, candidate in zip(truths, found, strict=True):
+            boxes = candidate.boxes[candidate.class_ids == cls]
+            order = np.argsort(-candidate.scores[candidate.class_ids == cls], kind="stable")
+            boxes = boxes[order]
+            scores.append(candidate.scores[candidate.class_ids == cls][order])
+            targets = truth.boxes[truth.class_ids == cls]
+            matched = np.zeros((len(_IOU_THRESHOLDS), len(boxes)), bool)
+            if len(boxes) and len(targets):
+                iou = _box_iou(boxes, targets)
+                for t, threshold in enumerate(_IOU_THRESHOLDS.tolist()):
+                    taken = np.zeros(len(targets), bool)
+                    for d in range(len(boxes)):
+                        row = np.where(taken, -1.0, iou[d])
+                        best = int(np.argmax(row))
+                        if row[best] >= threshold:
+                            taken[best] = True
+                            matched[t, d] = True
+            hits.append(matched)
+        all_scores = np.concatenate(scores)
+        order = np.argsort(-all_scores, kind="stable")
+        all_hits = np.concatenate(hits, axis=1)[:, order]
+        true_positives = np.cumsum(all_hits, axis=1)
+        precision = true_positives / np.arange(1, all_hits.shape[1] + 1)
+        recall = true_positives / total
+        for t in range(len(_IOU_THRESHOLDS)):
+            sampled = np.zeros(len(recall_points))
+            if len(order):
+                envelope = np.maximum.accumulate(precision[t][::-1])[::-1]
+                index = np.searchsorted(recall[t], recall_points, side="left")
+                valid = index < len(envelope)
+                sampled[valid] = envelope[index[valid]]
+            precisions.append(float(sampled.mean()))
+    return float(np.mean(precisions)) if precisions else 1.0
 
 
 # --- calibration statistics -------------------------------------------------------------------
@@ -692,7 +1089,7 @@ class _Statistics:
             if role.depthwise or node not in geometry:
                 continue
             is_consumer = id(node) in consumers
-            if not (is_consumer or keep_targets):
+            if not (is_consumer or (keep_targets and opts.downstream)):
                 continue
             dim = int(np.prod(role.weight.shape[1:])) + 1
             layers[id(node)] = _LayerStats(
@@ -744,7 +1141,7 @@ class _Statistics:
             keep_in = cg.keep_mask(consumer.inputs[0], removed)
             if layer is None or keep_in is None or keep_in.all():
                 continue
-            moments = _Moments.one_shot(layer, keep_in, None)
+            moments = _one_shot(layer, keep_in, None)
             theta = moments.solve()
             if _is_head(cg, consumer):
                 total += float((moments.channel_errors(theta) / moments.channel_scales()).max())
@@ -766,80 +1163,15 @@ def _input_name(node: ir.Node) -> str:
     return value.name
 
 
-def _patch_mask(keep_in: np.ndarray, taps: int) -> np.ndarray:
-    """Columns of [patch, 1] that survive when input channels ``keep_in`` are kept."""
-    return np.append(np.repeat(keep_in, taps), True)
-
-
-@dataclass
-class _Moments:
-    """Normal equations of ``y ≈ theta^T [x, 1]`` for one Conv, in float64."""
-
-    gram: np.ndarray  # sum of x x^T over samples (x with the constant 1 last)
-    cross: np.ndarray  # sum of x y^T
-    y_squared: np.ndarray  # per output: sum of y^2
-    y_sum: np.ndarray  # per output: sum of y
-    count: float
-
-    @classmethod
-    def zeros(cls, dim: int, outputs: int) -> _Moments:
-        return cls(
-            np.zeros((dim, dim)), np.zeros((dim, outputs)), np.zeros(outputs), np.zeros(outputs), 0
-        )
-
-    @classmethod
-    def one_shot(
-        cls, layer: _LayerStats, keep_in: np.ndarray, keep_out: np.ndarray | None
-    ) -> _Moments:
-        """Regress the original output on the original inputs that survive."""
-        assert layer.second_moment is not None
-        columns = _patch_mask(keep_in, layer.taps)
-        weight = layer.original if keep_out is None else layer.original[keep_out]
-        full = layer.second_moment
-        return cls(
-            gram=full[np.ix_(columns, columns)],
-            cross=full[columns] @ weight.T,
-            y_squared=np.einsum("ij,jk,ik->i", weight, full, weight, optimize=True),
-            y_sum=weight @ full[:, -1],
-            count=float(full[-1, -1]),
-        )
-
-    def regularized_gram(self) -> np.ndarray:
-        dim = self.gram.shape[0]
-        ridge = _RIDGE * max(float(np.trace(self.gram[:-1, :-1])) / max(dim - 1, 1), 1e-12)
-        regularized = self.gram + ridge * np.eye(dim)
-        regularized[-1, -1] = self.gram[-1, -1]  # the bias is not shrunk
-        return regularized
-
-    def solve(self) -> np.ndarray:
-        regularized = self.regularized_gram()
-        try:
-            return scipy.linalg.solve(regularized, self.cross, assume_a="pos")
-        except (np.linalg.LinAlgError, ValueError):
-            return np.linalg.lstsq(regularized, self.cross, rcond=None)[0]
-
-    def channel_errors(self, theta: np.ndarray) -> np.ndarray:
-        """Per output: sum over samples of (y - theta^T x)^2."""
-        value = (
-            self.y_squared
-            - 2.0 * np.einsum("ij,ij->j", theta, self.cross)
-            + np.einsum("ij,ik,kj->j", theta, self.gram, theta, optimize=True)
-        )
-        return np.maximum(value, 0.0)
-
-    def channel_scales(self) -> np.ndarray:
-        """Per output: the variance errors are measured against.
-
-        Each output counts alike, whatever its spread: a detection head's box logits vary ten
-        times less than its objectness logits but matter as much. A floor keeps (nearly)
-        constant outputs from dominating.
-        """
-        variance = np.maximum(self.y_squared - self.y_sum**2 / max(self.count, 1.0), 0.0)
-        return variance + 1e-3 * float(variance.mean()) + 1e-30
-
-    def relative_error(self, theta: np.ndarray) -> float:
-        """Mean over outputs of the squared error relative to the output's variance."""
-        return float((self.channel_errors(theta) / self.channel_scales()).mean())
+def _one_shot(
+    layer: _LayerStats, keep_in: np.ndarray, keep_out: np.ndarray | None
+) -> NormalEquations:
+    """Regress a Conv's original output on the original inputs that survive."""
+    assert layer.second_moment is not None
+    weight = layer.original if keep_out is None else layer.original[keep_out]
+    return NormalEquations.from_second_moment(
+        layer.second_moment, patch_mask(keep_in, layer.taps), weight
+    )
 
 
 # --- recovery ---------------------------------------------------------------------------------
@@ -860,7 +1192,7 @@ def _recover(
     feeds: Sequence[dict[str, np.ndarray]],
     opts: PruneOptions,
 ) -> list[LayerFit]:
-    """Refit the Convs that lost input channels (and, sequentially, all downstream)."""
+    """Refit the Convs that lost input channels (and, if asked, all downstream)."""
     cut: dict[int, _Refit] = {}
     for key, layer in stats.layers.items():
         node = layer.role.node
@@ -872,15 +1204,44 @@ def _recover(
     if not opts.sequential:
         return [
             _apply_fit(
-                model.graph, refit, _Moments.one_shot(refit.layer, refit.keep_in, refit.keep_out)
+                model.graph,
+                refit,
+                _one_shot(refit.layer, refit.keep_in, refit.keep_out),
+                opts.ridge,
             )
             for refit in cut.values()
         ]
     fits: list[LayerFit] = []
-    for batch in _refit_levels(model.graph, cg, removed, stats, cut):
+    for batch in _refit_levels(model.graph, cg, removed, stats, cut, opts.downstream):
         for refit, moments in zip(batch, _measure(model, batch, stats, feeds), strict=True):
-            fits.append(_apply_fit(model.graph, refit, moments))
+            fits.append(_apply_fit(model.graph, refit, moments, opts.ridge))
     return fits
+
+
+def _shift_means(
+    model: ir.Model, cg: ChannelGraph, removed: np.ndarray, stats: _Statistics
+) -> list[ir.Node]:
+    """Without a refit: move the removed inputs' mean contribution into each consumer's bias.
+
+    A pruned channel after SiLU or ReLU is far from zero on average; dropping it without this
+    shifts every output of the Convs that read it. The weights stay the sliced originals.
+    """
+    shifted = []
+    for layer in stats.layers.values():
+        node = layer.role.node
+        keep_in = cg.keep_mask(node.inputs[0], removed)
+        if keep_in is None or keep_in.all() or layer.second_moment is None:
+            continue
+        bias = mean_shift_bias(layer.original, layer.second_moment, patch_mask(keep_in, layer.taps))
+        keep_out = cg.keep_mask(node.outputs[0], removed)
+        if keep_out is not None:
+            bias = bias[keep_out]
+        dtype = layer.role.weight.dtype
+        set_constant_input(
+            model.graph, node, 2, bias.astype(dtype), f"{node_label(node)}_bias_mean_shift"
+        )
+        shifted.append(node)
+    return shifted
 
 
 def _refit_levels(
@@ -889,10 +1250,12 @@ def _refit_levels(
     removed: np.ndarray,
     stats: _Statistics,
     cut: dict[int, _Refit],
+    downstream: bool,
 ) -> list[list[_Refit]]:
     """Every Conv to refit, by level: a level reads only Convs refit in earlier levels.
 
-    The Convs that lost inputs, and every plain Conv downstream of one: its input drifted.
+    The Convs that lost inputs, and (``downstream``) every plain Conv downstream of one: its
+    input drifted.
     """
     level: dict[ir.Value, int] = {}
     drifted: set[ir.Value] = set()
@@ -902,7 +1265,7 @@ def _refit_levels(
         dirty = any(v in drifted for v in node.inputs if v is not None)
         refit = cut.get(id(node))
         layer = stats.layers.get(id(node))
-        if refit is None and dirty and layer is not None:
+        if refit is None and dirty and downstream and layer is not None:
             keep_in = cg.keep_mask(node.inputs[0], removed)
             keep_out = cg.keep_mask(node.outputs[0], removed)
             refit = _Refit(
@@ -925,14 +1288,15 @@ def _measure(
     batch: Sequence[_Refit],
     stats: _Statistics,
     feeds: Sequence[dict[str, np.ndarray]],
-) -> list[_Moments]:
+) -> list[NormalEquations]:
     """Regress the original outputs on the *pruned* model's inputs to each Conv of ``batch``."""
     found = []
     for refit in batch:
         outputs = refit.layer.original.shape[0]
         if refit.keep_out is not None:
             outputs = int(refit.keep_out.sum())
-        found.append(_Moments.zeros(int(refit.keep_in.sum()) * refit.layer.taps + 1, outputs))
+        dim = int(refit.keep_in.sum()) * refit.layer.taps + 1
+        found.append(NormalEquations.zeros(dim, outputs))
 
     def visit(image: int, acts: dict[str, np.ndarray]) -> None:
         for refit, moments in zip(batch, found, strict=True):
@@ -941,24 +1305,24 @@ def _measure(
             target = layer.targets[image].astype(np.float64)
             if refit.keep_out is not None:
                 target = target[:, refit.keep_out]
-            moments.gram += patches.T @ patches
-            moments.cross += patches.T @ target
-            moments.y_squared += (target**2).sum(axis=0)
-            moments.y_sum += target.sum(axis=0)
-            moments.count += patches.shape[0]
+            moments.add(patches, target)
 
     collect(model, [_input_name(r.layer.role.node) for r in batch], feeds, visit)
     return found
 
 
-def _apply_fit(graph: ir.Graph, refit: _Refit, moments: _Moments) -> LayerFit:
-    """Solve, write the refit weight and bias into the (already sliced) Conv, report errors."""
+def _apply_fit(graph: ir.Graph, refit: _Refit, moments: NormalEquations, ridge: float) -> LayerFit:
+    """Solve, write the refit weight and bias into the (already sliced) Conv, report errors.
+
+    The ridge pulls towards the sliced original weights: what the Conv computed before is the
+    best guess wherever the calibration images say little.
+    """
     layer = refit.layer
     node = layer.role.node
     weight = layer.role.weight
     sliced = layer.original if refit.keep_out is None else layer.original[refit.keep_out]
-    sliced = sliced[:, _patch_mask(refit.keep_in, layer.taps)]
-    theta = moments.solve()
+    sliced = sliced[:, patch_mask(refit.keep_in, layer.taps)]
+    theta = moments.solve(ridge, prior=sliced.T)
     before = moments.relative_error(sliced.T)
     after = moments.relative_error(theta)
     if after > before:  # too few samples for the ridge to help: keep the sliced weights

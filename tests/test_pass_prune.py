@@ -165,14 +165,17 @@ def test_norm_importance_removes_the_weakest_filter(
     assert remaining == [0, 1, 2, 3, 4, 6, 7]
 
 
+@pytest.mark.parametrize("allocation", ["consumers", "outputs"])
 def test_lsq_removes_the_redundant_channel_and_recovery_absorbs_it(
-    rng: np.random.Generator, calib_dir: Path
+    rng: np.random.Generator, calib_dir: Path, allocation: str
 ) -> None:
     model = detector(rng, duplicate=True)
     feeds = random_inputs(model, rng)
     expected = run_ort(model, feeds)
 
-    pass_ = _prune(model, ratio=0.04, multiple=1, calib=calib_dir, calib_images=8)  # 1 of 24
+    pass_ = _prune(
+        model, ratio=0.04, multiple=1, calib=calib_dir, calib_images=8, allocation=allocation
+    )  # 1 of 24
 
     assert pass_.report is not None
     assert [(g.name, g.kept) for g in pass_.report.groups if g.kept < g.channels] == [("d", 7)]
@@ -206,8 +209,21 @@ def test_without_recovery_the_weights_are_only_sliced(
 ) -> None:
     model = detector(rng)
     original = _weights(model)
-    pass_ = _prune(model, ratio=0.4, multiple=2, calib=calib_dir, calib_images=4, recover=False)
+    biases = {n.name: constant(n.inputs[2]) for n in model.graph if n.op_type == "Conv"}
+    pass_ = _prune(
+        model,
+        ratio=0.4,
+        multiple=2,
+        calib=calib_dir,
+        calib_images=4,
+        recover=False,
+        mean_shift=False,
+    )
     assert pass_.report is not None and not pass_.report.fits
+    assert pass_.report.recovery == "none"
+    for node in model.graph:  # no bias moved: each is a slice of the original
+        if node.op_type == "Conv":
+            assert np.isin(constant(node.inputs[2]), biases[node.name]).all(), node.name
     cg = analyze_channels(detector(np.random.default_rng(0)).graph)
     assert cg.groups  # the weights left are rows/columns of the originals, untouched
     for name, weight in _weights(model).items():
@@ -259,3 +275,203 @@ def test_sweep_measures_macs_latency_and_plots(rng: np.random.Generator, tmp_pat
     assert "ratio" in result.table()
     saved = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert saved == ["ratio-0.25.onnx", "ratio-0.5.onnx"]
+
+
+def test_mean_shift_moves_the_cut_channels_mean_into_the_biases(
+    rng: np.random.Generator, calib_dir: Path
+) -> None:
+    model = detector(rng)
+    original = _weights(model)
+    pass_ = _prune(model, ratio=0.4, multiple=2, calib=calib_dir, calib_images=6, recover=False)
+
+    report = pass_.report
+    assert report is not None and report.recovery == "mean shift" and not report.fits
+    assert report.output_error_before is not None and report.output_error_after is not None
+    assert report.output_error_after < report.output_error_before
+    # only biases moved: the weights are rows/columns of the originals
+    for name, weight in _weights(model).items():
+        rows = original[name].reshape(original[name].shape[0], -1)
+        for row in weight.reshape(weight.shape[0], weight.shape[1], -1):
+            assert any(np.isin(row.ravel(), r).all() for r in rows), name
+
+
+def test_mean_shift_needs_calibration_images(rng: np.random.Generator) -> None:
+    model = detector(rng)
+    biases = {n.name: constant(n.inputs[2]) for n in model.graph if n.op_type == "Conv"}
+    pass_ = _prune(model, ratio=0.4, multiple=2, recover=False)  # no calib: nothing to average
+    assert pass_.report is not None and pass_.report.recovery == "none"
+    for node in model.graph:
+        if node.op_type == "Conv":
+            assert np.isin(constant(node.inputs[2]), biases[node.name]).all(), node.name
+
+
+def test_outputs_allocation_measures_every_group_on_the_outputs(
+    rng: np.random.Generator, calib_dir: Path
+) -> None:
+    model = detector(rng)
+    pass_ = _prune(model, ratio=0.25, multiple=2, calib=calib_dir, calib_images=6)
+
+    report = pass_.report
+    assert report is not None and report.allocation == "outputs"
+    # the toy's outputs decode to no detections: its head Convs' outputs are compared instead
+    assert report.probe_metric == "relative squared error of the head Convs' outputs"
+    probed = {p.name for p in report.probes}
+    assert probed == {"a", "d", "c"}  # every candidate group, the frozen head excepted
+    for name in probed:
+        depths = [p for p in report.probes if p.name == name]
+        assert [p.units for p in depths] == sorted(p.units for p in depths)
+        assert all(p.distortion >= 0 and p.macs_saved > 0 for p in depths)
+        assert depths[-1].distortion > 0  # (a ReLU channel dead on every image costs nothing)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(allocation="consumers"), dict(scope="layer")],
+    ids=["consumers", "layer-scope"],
+)
+def test_no_trial_cuts_unless_outputs_allocation(
+    rng: np.random.Generator, calib_dir: Path, options: dict
+) -> None:
+    model = detector(rng)
+    pass_ = _prune(model, ratio=0.25, multiple=2, calib=calib_dir, calib_images=4, **options)
+    assert pass_.report is not None and not pass_.report.probes
+    assert pass_.report.probe_metric is None
+
+
+def yolo_like(rng: np.random.Generator) -> ir.Model:
+    """A toy with a YOLOv5 output, (1, 64, 6): cx, cy, w, h in pixels, objectness, one class.
+
+    a (3->8, 3x3) -> SiLU -> b (8->8) -> SiLU -> head (8->6) -> (1, 64, 6) -> sigmoid x scale.
+    The head's objectness and class logits are biased up so that boxes are confident.
+    """
+    inits: dict[str, np.ndarray] = {
+        "shape": np.array([1, 6, 64], np.int64),
+        "scale": np.array([8, 8, 8, 8, 1, 1], np.float32),
+    }
+    nodes = [_conv(rng, inits, "a", "x", 3, 8, kernel=3), *_silu("a", "a_act")]
+    nodes += [_conv(rng, inits, "b", "a_act", 8, 8), *_silu("b", "b_act")]
+    nodes += [_conv(rng, inits, "head", "b_act", 8, 6)]
+    inits["head_b"][4:] += 3.0
+    nodes += [
+        helper.make_node("Reshape", ["head", "shape"], ["rows"], name="rows"),
+        helper.make_node("Transpose", ["rows"], ["boxes"], name="boxes", perm=[0, 2, 1]),
+        helper.make_node("Sigmoid", ["boxes"], ["unit"], name="unit"),
+        helper.make_node("Mul", ["unit", "scale"], ["y"], name="pixels"),
+    ]
+    return make_model(
+        nodes,
+        [value_info("x", np.float32, [1, 3, 8, 8])],
+        [value_info("y", np.float32, [1, 64, 6])],
+        inits,
+    )
+
+
+def test_probe_scores_detections_against_the_originals(
+    rng: np.random.Generator, calib_dir: Path
+) -> None:
+    from detc.passes._calibration import calibration_feeds
+    from detc.passes.prune import _OutputProbe
+
+    model = yolo_like(rng)
+    cg = analyze_channels(model.graph)
+    feeds = calibration_feeds(model, calib_dir, max_images=4)
+    probe = _OutputProbe(model, cg, feeds, None)
+    assert probe.metric == "1 - mAP@[.5:.95] against the original's detections"
+    assert probe.distortion({}) == 0.0  # the original agrees with itself
+
+    head = next(n for n in model.graph if n.name == "head")
+    weight, bias = constant(head.inputs[1]), constant(head.inputs[2])
+    nudged = probe.distortion({head: (weight * 1.01, bias)})
+    broken = probe.distortion({head: (weight * 3.0, bias)})
+    assert 0.0 < nudged < broken <= 1.0
+
+
+def test_agreement_is_coco_style_map_against_reference_detections() -> None:
+    from detc.compiler.decoders import Detections
+    from detc.passes.prune import _agreement
+
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 0, 60, 30]], np.float32)
+    truths = [Detections(boxes, np.ones(3), np.array([0, 0, 1]))]
+    same = [Detections(boxes, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 1]))]
+    assert _agreement(truths, same) == 1.0
+    # a false positive ranked below every true one leaves AP at 1; one missed box does not
+    extra = Detections(np.vstack([boxes, [[80, 80, 90, 90]]]), [0.9, 0.8, 0.7, 0.1], [0, 0, 1, 0])
+    assert _agreement(truths, [extra]) == 1.0
+    missing = Detections(boxes[:2], [0.9, 0.8], [0, 0])
+    assert _agreement(truths, [missing]) == pytest.approx(0.5)  # class 1 found nothing
+    # a box shifted to IoU 0.8 with its truth counts at the thresholds 0.5 .. 0.8 only
+    shifted = boxes.copy()
+    shifted[2] = [50, 0, 60, 0 + 30 * 0.8]
+    partial = _agreement(truths, [Detections(shifted, [0.9, 0.8, 0.7], [0, 0, 1])])
+    assert partial == pytest.approx((1.0 + 7 / 10) / 2)
+
+
+@pytest.mark.parametrize("downstream", [False, True])
+def test_sequential_refit_reaches_uncut_convs_only_when_asked(
+    rng: np.random.Generator, calib_dir: Path, downstream: bool
+) -> None:
+    model = detector(rng, duplicate=True)
+    pass_ = _prune(
+        model,
+        ratio=0.04,  # one channel of d: only c reads it; head reads c, which keeps its channels
+        multiple=1,
+        calib=calib_dir,
+        calib_images=8,
+        allocation="consumers",
+        downstream=downstream,
+    )
+    assert pass_.report is not None
+    assert [f.name for f in pass_.report.fits] == (["c", "head"] if downstream else ["c"])
+
+
+def two_resolutions(rng: np.random.Generator) -> ir.Model:
+    """Two branches of 8 channels whose filters have the same norms, 1..8, at two resolutions.
+
+    hi: 3->8 (1x1) at 16x16 -> ReLU -> 8->4 ; lo: 3->8 (3x3, stride 2) at 8x8 -> ReLU -> 8->4.
+    A channel of lo saves a little more MACs (1984 vs 1792); one of hi four times the
+    activation elements (512 vs 128).
+    """
+    inits: dict[str, np.ndarray] = {}
+    nodes = []
+    for name, kernel, stride in (("hi", 1, 1), ("lo", 3, 2)):
+        weight = rng.normal(0.0, 1.0, (8, 3, kernel, kernel))
+        norms = np.sqrt((weight.reshape(8, -1) ** 2).sum(axis=1))
+        inits[f"{name}_w"] = (weight * (np.arange(1, 9) / norms)[:, None, None, None]).astype(
+            np.float32
+        )
+        inits[f"{name}_b"] = np.zeros(8, np.float32)
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                ["x", f"{name}_w", f"{name}_b"],
+                [name],
+                name=name,
+                pads=[kernel // 2] * 4,
+                strides=[stride, stride],
+            )
+        )
+        nodes.append(helper.make_node("Relu", [name], [f"{name}_act"], name=f"{name}_relu"))
+        nodes.append(_conv(rng, inits, f"{name}_out", f"{name}_act", 8, 4))
+    return make_model(
+        nodes,
+        [value_info("x", np.float32, [1, 3, 16, 16])],
+        [
+            value_info("hi_out", np.float32, [1, 4, 16, 16]),
+            value_info("lo_out", np.float32, [1, 4, 8, 8]),
+        ],
+        inits,
+    )
+
+
+@pytest.mark.parametrize("activation_cost, cut", [(0.0, "lo"), (100.0, "hi")])
+def test_activation_cost_prefers_cuts_that_shrink_big_activations(
+    rng: np.random.Generator, activation_cost: float, cut: str
+) -> None:
+    model = two_resolutions(rng)
+    before = graph_stats(model).macs
+    pass_ = _prune(model, ratio=1 / 16, multiple=1, activation_cost=activation_cost)
+
+    assert pass_.report is not None
+    assert [g.name for g in pass_.report.groups if g.kept < g.channels] == [cut]
+    assert _weights(model)[cut].shape[0] == 7
+    assert graph_stats(model).macs == pass_.report.macs_after < before  # the goal counts MACs
