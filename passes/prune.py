@@ -109,12 +109,6 @@ class PruneOptions:
         "NCHWc kernels need it) and are whole multiples of AVX2's 8 and NEON's 4",
     )
     max_ratio: float = _option(0.5, "no group loses more than this fraction of its channels")
-    activation_cost: float = _option(
-        0.0,
-        "scope=global: what removing one activation element is worth, in MACs, when choosing "
-        "where to cut (the MAC goal still counts MACs): elementwise ops, Concat and layout "
-        "copies take time per element",
-    )
     allocation: str = _option(
         "auto",
         "how scope=global shares the cut among groups: consumers (by the least-squares error of "
@@ -177,8 +171,6 @@ class PruneOptions:
             )
         if self.allocation == "outputs" and self.calib is None:
             raise ValueError("allocation=outputs needs calib=DIR (calibration images)")
-        if self.activation_cost < 0.0:
-            raise ValueError(f"activation_cost={self.activation_cost} must not be negative")
         if self.ridge < 0.0:
             raise ValueError(f"ridge={self.ridge} must not be negative")
         if self.importance in ("data", "lsq") and self.calib is None:
@@ -227,7 +219,7 @@ class PruneReport:
     probe_metric: str | None = None  # what allocation=outputs measured
     probes: list[ProbeCut] = field(default_factory=list)
     recovery: str = "none"  # least squares, mean shift or none
-    probes_images: int = 0
+    probe_images: int = 0
 
     @property
     def mac_reduction(self) -> float:
@@ -243,6 +235,7 @@ class PruneReport:
             "calib_images": self.calib_images,
             "allocation": self.allocation,
             "probe_metric": self.probe_metric,
+            "probe_images": self.probe_images,
             "probes": [vars(p) for p in self.probes],
             "recovery": self.recovery,
             "output_error_before": self.output_error_before,
@@ -262,7 +255,7 @@ class PruneReport:
         ]
         if self.probes:
             lines.append(
-                f"trial cuts on {self.probes_images} calibration images, each group alone "
+                f"trial cuts on {self.probe_images} calibration images, each group alone "
                 f"({self.probe_metric}):"
             )
             for p in self.probes:
@@ -303,8 +296,9 @@ class PrunePass(DetcPass):
     Channels that reach a graph output or an op the analysis does not know (a detection head's
     Reshape to its box/class layout) are never cut. Within a group channels go by importance;
     how many go per group follows ``ratio`` (or ``mac_reduction``), per layer or globally,
-    rounded to ``multiple``. With ``calib`` images, the Convs reading pruned channels are refit
-    by least squares (bias included) to reproduce their original outputs.
+    rounded to ``multiple``. With ``calib`` images the global share is measured on the model's
+    outputs (``allocation=outputs``), and the Convs reading pruned channels are refit by least
+    squares (bias included) to reproduce their original outputs.
     """
 
     name = "prune"
@@ -354,8 +348,7 @@ class PrunePass(DetcPass):
             stats = _Statistics.collect(original, cg, candidates, geometry, feeds, opts)
             report.calib_images = len(feeds)
 
-        unit_elements = _unit_elements(model, cg) if opts.activation_cost else None
-        cost = _MacModel(cg, node_macs, macs_before, unit_elements, opts.activation_cost)
+        cost = _MacModel(cg, node_macs, macs_before)
         rankings = {g.index: _rank(cg, g, mode, stats, opts) for g in candidates}
         probe = None
         allocation = opts.allocation
@@ -364,7 +357,7 @@ class PrunePass(DetcPass):
         if opts.scope == "global" and allocation == "outputs" and stats is not None:
             probe = _OutputProbe(model, cg, feeds[: opts.probe_images], opts.spec)
             report.probe_metric = probe.metric
-            report.probes_images = min(opts.probe_images, len(feeds))
+            report.probe_images = min(opts.probe_images, len(feeds))
         report.allocation = allocation if opts.scope == "global" else "uniform per layer"
         keep = _allocate(candidates, rankings, cost, stats, cg, opts, probe)
         if probe is not None:
@@ -573,21 +566,9 @@ def _lsq_ranking(cg: ChannelGraph, group: ChannelGroup, stats: _Statistics, step
 
 
 class _MacModel:
-    """Predicted MACs after removing units: every sliced Conv scales with its kept fractions.
+    """Predicted MACs after removing units: every sliced Conv scales with its kept fractions."""
 
-    ``work`` adds ``activation_cost`` MACs' worth of time for every activation element that a
-    cut removes: on a CPU the elementwise ops between Convs (activations, Concat, Add, the
-    layout copies) cost time per element, not per MAC, and a cut saves that too.
-    """
-
-    def __init__(
-        self,
-        cg: ChannelGraph,
-        node_macs: dict[ir.Node, int],
-        total: int,
-        unit_elements: dict[int, int] | None = None,
-        activation_cost: float = 0.0,
-    ) -> None:
+    def __init__(self, cg: ChannelGraph, node_macs: dict[ir.Node, int], total: int) -> None:
         self.total = total
         self.terms = []
         for role in cg.convs:
@@ -597,8 +578,6 @@ class _MacModel:
             out_units = cg.units_of(role.node.outputs[0])
             in_units = None if role.depthwise else cg.units_of(role.node.inputs[0])
             self.terms.append((macs, out_units, in_units))
-        self.unit_elements = unit_elements or {}
-        self.activation_cost = activation_cost
 
     def macs(self, removed: np.ndarray) -> int:
         saved = 0.0
@@ -609,40 +588,6 @@ class _MacModel:
                     fraction *= 1.0 - np.isin(units, removed).mean()
             saved += macs * (1.0 - fraction)
         return round(self.total - saved)
-
-    def work(self, removed: np.ndarray) -> float:
-        """MACs left plus ``activation_cost`` per activation element removed, negated."""
-        if not self.activation_cost:
-            return float(self.macs(removed))
-        elements = sum(self.unit_elements.get(int(u), 0) for u in np.unique(removed).tolist())
-        return self.macs(removed) - self.activation_cost * elements
-
-
-def _unit_elements(model: ir.Model, cg: ChannelGraph) -> dict[int, int]:
-    """Per unit: activation elements it occupies over every tensor that carries it.
-
-    Shapes come from shape inference on a copy (a clone keeps node and output order).
-    """
-    import onnx_ir.passes.common as common_passes
-
-    clone = model.clone()
-    common_passes.ShapeInferencePass()(clone)
-    twins: dict[ir.Value, ir.Value] = dict(zip(model.graph.inputs, clone.graph.inputs, strict=True))
-    for node, twin in zip(model.graph, clone.graph, strict=True):
-        twins.update(zip(node.outputs, twin.outputs, strict=True))
-    elements: dict[int, int] = {}
-    for value in cg.tracked:
-        shaped = twins.get(value)
-        shape = None if shaped is None else shaped.shape
-        dims = [] if shape is None else [d for d in shape if isinstance(d, int)]
-        if shape is None or len(dims) != len(shape) or len(dims) < 2:
-            continue
-        per_channel = math.prod(dims) // max(dims[1], 1)
-        units = cg.units_of(value)
-        assert units is not None
-        for unit in units.tolist():
-            elements[unit] = elements.get(unit, 0) + per_channel
-    return elements
 
 
 def _round_keep(keep: float, size: int, multiple: int) -> int:
@@ -759,7 +704,7 @@ def _greedy(
         if target >= current or target < floor[group.index]:
             return None
         order = rankings[group.index].order
-        saved = cost.work(group.units[order[: group.size - current]]) - cost.work(
+        saved = cost.macs(group.units[order[: group.size - current]]) - cost.macs(
             group.units[order[: group.size - target]]
         )
         extra = hurt(group, target) - hurt(group, current)
