@@ -510,7 +510,8 @@ def tune(
     "--reference",
     type=click.Path(path_type=Path),
     default=None,
-    help="The float reference ONNX (default: the model the artifact was compiled from).",
+    help="The float reference ONNX (default: the model the artifact was compiled from). An int8 "
+    "artifact is compared with the quantized model saved in it, and with this for accuracy.",
 )
 @click.option("--inputs", type=click.Path(dir_okay=False), default=None, help=".npz of inputs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs.")
@@ -529,7 +530,8 @@ def tune(
     "--max-map-drop",
     type=float,
     default=None,
-    help="Fail (exit 3) if mAP@[.5:.95] drops by more than this many points.",
+    help="Fail (exit 3) if mAP@[.5:.95] drops by more than this many points (int8 artifacts: "
+    "against the float model; default: the compile's max_map_drop, else 1.0).",
 )
 @click.option(
     "--report-dir",
@@ -561,14 +563,43 @@ def verify(
 
     Tensors are compared output by output (max abs / rel error, cosine). With --data, both run on
     every image and the report adds mAP, box agreement and score drift.
+
+    \b
+    int8 artifacts (compiled with quantize{calib=...}) are held to the quantized
+    model saved in them (reference_qdq.onnx, run by onnxruntime): per output, the
+    channel-mean SQNR must reach 20 dB and the artifact may be at most 1 dB further
+    from the float model than that reference. With --data, the mAP drop against the
+    float model must stay within --max-map-drop; the report names the layers kept
+    in float.
     """
-    from detc.compiler.verify import read_manifest, verify_tensors
+    from detc.compiler.verify import quantization_record, read_manifest, verify_tensors
 
     manifest = read_manifest(artifact)
-    ref = reference or _default_reference(manifest, artifact)
     device = _device_url(device, rpc_tracker, rpc_key)
     if emulate and device is not None:
         raise BadInputError("--emulate and --device exclude each other: pick one place to run")
+    record = quantization_record(manifest)
+    if record is not None:
+        _verify_int8(
+            artifact,
+            reference,
+            manifest,
+            record,
+            inputs=inputs,
+            seed=seed,
+            runs=runs,
+            emulate=emulate,
+            device=device,
+            data=data,
+            decoder=decoder,
+            max_images=max_images,
+            max_map_drop=max_map_drop,
+            report_dir=report_dir,
+            threads=threads,
+            as_json=as_json,
+        )
+        return
+    ref = reference or _default_reference(manifest, artifact)
     report = verify_tensors(
         artifact,
         ref,
@@ -605,6 +636,85 @@ def verify(
             threads=threads,
             as_json=as_json,
         )
+    if failures:
+        raise VerificationMismatchError(f"{artifact}: " + "; ".join(failures))
+    click.echo("verify: ok", err=as_json)  # with --json, stdout holds only the JSON
+
+
+def _verify_int8(
+    artifact: Path,
+    reference: Path | None,
+    manifest: dict[str, Any],
+    record: dict[str, Any],
+    *,
+    inputs: str | None,
+    seed: int,
+    runs: int,
+    emulate: bool,
+    device: str | None,
+    data: Path | None,
+    decoder: str | None,
+    max_images: int | None,
+    max_map_drop: float | None,
+    report_dir: Path | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """``detc verify`` of an int8 artifact: against its quantized reference, and the float model."""
+    from detc.compiler.verify import quantization_lines, verify_quantized_tensors
+
+    float_reference = reference
+    if float_reference is None:
+        source = (manifest.get("source") or {}).get("path")
+        float_reference = Path(source) if source and Path(source).is_file() else None
+    if data is not None and float_reference is None:
+        _default_reference(manifest, artifact)  # raises: the mAP budget needs the float model
+    report = verify_quantized_tensors(
+        artifact,
+        float_reference,
+        inputs=inputs,
+        seed=seed,
+        runs=runs,
+        num_threads=threads,
+        emulate=emulate,
+        device=device,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo("\n".join(quantization_lines(record)))
+        click.echo(
+            f"quantized reference {report.quantized_reference}, float reference "
+            f"{float_reference or '(none)'}, inputs: {report.inputs}"
+        )
+        click.echo(report.table())
+        for note in report.notes:
+            click.echo(note)
+    failures: list[str] = []
+    if not report.ok:
+        bad = [o.name for o in report.outputs if not o.ok]
+        failures.append(f"output(s) {', '.join(bad)} disagree with the quantized reference")
+    if data is not None:
+        from detc.compiler.detection_verify import verify_quantized_detection
+
+        assert float_reference is not None
+        detection = verify_quantized_detection(
+            artifact,
+            float_reference,
+            manifest,
+            data,
+            max_map_drop=max_map_drop,
+            decoder=decoder,
+            max_images=max_images,
+            emulate=emulate,
+            device=device,
+            num_threads=threads,
+        )
+        out = report_dir or (artifact / "report")
+        detection.write(out)
+        click.echo(detection.render_table(), err=as_json)
+        click.echo(f"report: {out / 'report.md'} (and report.json, quantization.json)", err=as_json)
+        failures += detection.failures()
     if failures:
         raise VerificationMismatchError(f"{artifact}: " + "; ".join(failures))
     click.echo("verify: ok", err=as_json)  # with --json, stdout holds only the JSON

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
+from detc.compiler._pass import DetcPass
 from detc.compiler._pipeline import (
     DEFAULT_PIPELINE,
     PassRecord,
@@ -41,6 +43,18 @@ def _as_pipeline(pipeline: str | Pipeline | None) -> Pipeline:
     return parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
 
 
+@dataclass(frozen=True)
+class _InstanceKeepingPipeline(Pipeline):
+    """A pipeline that remembers the pass objects it ran: their reports (``pass_.report``)
+    say what approximate passes decided, e.g. which layers ``quantize`` kept in float."""
+
+    instances: list[DetcPass] = field(default_factory=list, compare=False, repr=False)
+
+    def instantiate(self) -> list[DetcPass]:
+        self.instances[:] = super().instantiate()
+        return list(self.instances)
+
+
 def _as_loaded(
     source: str | os.PathLike[str] | LoadedModel,
     input_shapes: Mapping[str, tuple[int, ...]] | None,
@@ -62,7 +76,7 @@ def optimize(
     """Load ``source`` and run ``pipeline`` (default: the exact passes) over it."""
     loaded = _as_loaded(source, input_shapes)
     # Instantiate before loading work starts so a typo in the pipeline fails fast.
-    chosen = _as_pipeline(pipeline)
+    chosen = _InstanceKeepingPipeline(_as_pipeline(pipeline).steps)
     chosen.instantiate()
     run = run_pipeline(
         loaded.model, chosen, dump_ir=dump_ir, verify_each=verify_each, on_pass=on_pass
@@ -92,6 +106,78 @@ def _model_spec_for(loaded: LoadedModel, proto: Any, spec: Any) -> dict[str, Any
         return None
 
 
+def _quantization_record(
+    run: PipelineRun, proto: Any
+) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
+    """What ``detc verify`` needs of an int8 graph: how it was quantized, and the QDQ model.
+
+    Returns the manifest's ``quantization`` entry (None for a float graph) and the files to add
+    to the artifact: the compiled graph itself as QDQ ONNX, the *quantized reference* that
+    onnxruntime runs beside the artifact. A graph that was QDQ already when loaded (quantized
+    elsewhere) is recorded too, with ``origin: "source"``.
+    """
+    from detc.compiler.verify import is_quantized
+    from detc.passes.quantize import QuantizePass, quantized_nodes
+    from detc.targets._artifact import QUANTIZED_REFERENCE_FILE
+
+    if not is_quantized(proto):
+        return None, {}
+    instances = run.pipeline.instances if isinstance(run.pipeline, _InstanceKeepingPipeline) else []
+    quantize_runs = [
+        (pass_, record)
+        for pass_, record in zip(instances, run.records, strict=False)
+        if isinstance(pass_, QuantizePass) and pass_.options.mode == "int8" and record.modified
+    ]
+    record: dict[str, Any]
+    if quantize_runs and quantize_runs[-1][0].report is not None:
+        pass_, step = quantize_runs[-1]
+        opts, report = pass_.options, pass_.report
+        assert report is not None
+        record = {
+            "mode": "int8",
+            "origin": "pass",
+            "step": step.step,
+            "method": report.method,
+            "calib_images": report.calib_images,
+            "activations": opts.activations,
+            "per_channel": opts.per_channel,
+            "quantize_outputs": opts.quantize_outputs,
+            "max_map_drop": opts.max_map_drop,
+            "layers": len(report.layers),
+            "quantized": len(report.quantized),
+            "kept_float": [
+                {"name": d.name, "op_type": d.op_type, "reason": d.reason}
+                for d in report.layers
+                if not d.quantized
+            ],
+            # measured by the pass in onnxruntime on the QDQ graph (max_map_drop only)
+            "float_map": report.float_map,
+            "fully_quantized_map": report.fully_quantized_map,
+            "quantized_map": report.quantized_map,
+        }
+    else:
+        done = quantized_nodes(proto)
+        weighted = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        record = {
+            "mode": "int8",
+            "origin": "source",
+            "max_map_drop": None,
+            "layers": len(weighted),
+            "quantized": sum(n.name in done for n in weighted),
+            "kept_float": [
+                {"name": n.name, "op_type": n.op_type, "reason": "float in the loaded model"}
+                for n in weighted
+                if n.name not in done
+            ],
+        }
+    payload = proto.SerializeToString()
+    record["reference"] = {
+        "file": QUANTIZED_REFERENCE_FILE,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    return record, {QUANTIZED_REFERENCE_FILE: payload}
+
+
 def compile_model(
     source: str | os.PathLike[str] | LoadedModel,
     *,
@@ -119,6 +205,7 @@ def compile_model(
         on_pass=on_pass,
     )
     proto = ir.serde.serialize_model(loaded.model)
+    quantization, extra_files = _quantization_record(run, proto)
     fields: dict[str, Any] = {
         "pipeline": str(run.pipeline),
         "source": {
@@ -130,6 +217,8 @@ def compile_model(
         "metadata": loaded.metadata,
         "passes": [r.to_dict() for r in run.records],
     }
+    if quantization is not None:
+        fields["quantization"] = quantization
     manifest = build_artifact(
         proto,
         target,
@@ -137,6 +226,7 @@ def compile_model(
         manifest_fields=fields,
         num_threads=num_threads,
         progress=progress,
+        extra_files=extra_files,
         **dict(target_options or {}),
     )
     return CompileResult(manifest, run, Path(out_dir))

@@ -39,6 +39,8 @@ import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
+from detc.kernels.fast_math import fast_sigmoid
+
 #: block annotation that marks the int8 convolution in a PrimFunc
 CONV_INT8_MARK = "detc.conv2d_int8"
 #: input channels one ``vpdpbusd`` lane reduces
@@ -104,6 +106,11 @@ class QuantizedConv2d:
     #: float32 [OC] added after the scaling (float32 output only): a bias not quantized to
     #: x_scale * w_scale
     float_bias: np.ndarray | None = None
+    #: "silu" (``v · sigmoid(v)``) or "sigmoid" of the dequantized sum, before the output is
+    #: quantized (or returned as float). The activation runs in float, as onnxruntime runs it
+    #: between the convolution and the quantize, so 8-bit results may differ from it by 1
+    #: where the float value sits at a rounding boundary.
+    activation: str | None = None
 
     @property
     def float_output(self) -> bool:
@@ -115,6 +122,17 @@ class QuantizedConv2d:
         ``y_scale`` 1: the multiplier dequantizes."""
         product = np.float32(self.input_scale) * self.weight_scale.astype(np.float32)
         return (product / np.float32(self.output_scale)).astype(np.float32)
+
+    def dequant_multiplier(self) -> np.ndarray:
+        """float32 [OC]: ``x_scale * w_scale``, the float value of one accumulator unit."""
+        return (np.float32(self.input_scale) * self.weight_scale.astype(np.float32)).astype(
+            np.float32
+        )
+
+    def kernel_multiplier(self) -> np.ndarray:
+        """The per-channel multiplier the kernel applies to the int32 sum: straight to the
+        output's scale without an activation, to float (dequantized) with one."""
+        return self.dequant_multiplier() if self.activation else self.requant_multiplier()
 
     def _folded_bias_int64(self) -> np.ndarray:
         zero_point = _packed_zero_point(self.input_zero_point, self.input_dtype)
@@ -295,7 +313,7 @@ def _conv2d_int8_compute(
         attrs={CONV_INT8_MARK: 1},
     )
 
-    if conv.float_output:
+    if conv.float_output or conv.activation:
         return _dequantize_epilogue(acc, bias, multiplier, float_bias, conv, g, lanes)
 
     low, high = _output_range(conv.output_dtype)
@@ -325,12 +343,60 @@ def _dequantize_epilogue(
     g: _Geometry,
     lanes: int,
 ) -> te.Tensor:
-    def dequantize(n: Any, c: Any, h: Any, w: Any) -> Any:
-        total = acc[n, c // lanes, h, w, c % lanes] + bias[c]
-        scaled = total.astype("float32") * multiplier[c]
+    """float(Σ + bias) · x_scale·w_scale [+ float bias] [→ activation] [→ quantize].
+
+    With an activation the arithmetic runs in the accumulator's blocked layout (stage
+    ``activate``: the vector is 16 output channels, the tile stays in registers) and a last
+    stage only moves the finished values to NCHW; computed in NCHW order the activation read
+    the tile with a stride of ``lanes`` and ran 4x slower than the convolution itself."""
+    shape = (g.batch, g.out_channels, g.out_h, g.out_w)
+    if conv.activation is None:
+
+        def dequantize(n: Any, c: Any, h: Any, w: Any) -> Any:
+            total = acc[n, c // lanes, h, w, c % lanes] + bias[c]
+            scaled = total.astype("float32") * multiplier[c]
+            return scaled if float_bias is None else scaled + float_bias[c]
+
+        return te.compute(shape, dequantize, name="requantize")
+    if conv.activation not in ("silu", "sigmoid"):
+        raise ValueError(f"unsupported activation {conv.activation!r} (silu, sigmoid)")
+
+    def dequantize_blocked(n: Any, ob: Any, h: Any, w: Any, lane: Any) -> Any:
+        c = ob * lanes + lane
+        scaled = (acc[n, ob, h, w, lane] + bias[c]).astype("float32") * multiplier[c]
         return scaled if float_bias is None else scaled + float_bias[c]
 
-    return te.compute((g.batch, g.out_channels, g.out_h, g.out_w), dequantize, name="requantize")
+    value = te.compute(acc.shape, dequantize_blocked, name="dequantize")
+    gate = fast_sigmoid(value)
+    silu = conv.activation == "silu"
+
+    def activation(*i: Any) -> Any:
+        return value(*i) * gate(*i) if silu else gate(*i)
+
+    out_dtype = conv.output_dtype
+    if conv.float_output:
+        activate = activation
+
+    else:
+        low, high = _output_range(out_dtype)
+        scale = tirx.const(float(np.float32(conv.output_scale)), "float32")
+        lower = tirx.const(float(low - conv.output_zero_point), "float32")
+        upper = tirx.const(float(high - conv.output_zero_point), "float32")
+
+        def activate(*i: Any) -> Any:
+            # QuantizeLinear as onnxruntime computes it: x / scale, round half to even,
+            # saturate (clamped in float first so the conversion is defined; integer bounds).
+            quotient = activation(*i) / scale
+            clamped = tirx.max(tirx.min(quotient, upper), lower)
+            rounded = tirx.nearbyint(clamped).astype("int32") + conv.output_zero_point
+            return rounded.astype(out_dtype)
+
+    activated = te.compute(acc.shape, activate, name="activate")
+    return te.compute(
+        shape,
+        lambda n, c, h, w: activated[n, c // lanes, h, w, c % lanes],
+        name="requantize",
+    )
 
 
 # ---- the tensor intrinsic ----------------------------------------------------------------------
@@ -399,6 +465,11 @@ def _schedule_conv2d_int8(
     conv = sch.get_sblock("conv2d_int8")
     pack = sch.get_sblock("pack")
     epilogue = sch.get_sblock("requantize")
+    # The activation's stages (dequantize, the sigmoid's pieces) fold into ``activate``.
+    stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    for name in stages:
+        if name not in ("pack", "conv2d_int8", "activate", "requantize"):
+            sch.compute_inline(sch.get_sblock(name))
     sch.annotate(conv, "detc.ow_tile", g.ow_tile)
     sch.annotate(conv, "detc.oc_tile", g.oc_tile)
     sch.annotate(conv, "detc.isa", isa.name)
@@ -408,6 +479,15 @@ def _schedule_conv2d_int8(
     ow_outer, ow_inner = sch.split(ow, [None, g.ow_tile])
     sch.reorder(n, ob_outer, oh, ow_outer, icb, kh, kw, ob_inner, ow_inner, oc, ic)
     sch.parallel(sch.fuse(n, ob_outer, oh))
+    if "activate" in stages:
+        # On the finished tile, in its blocked layout: the 16 (or 8) channels are the vector.
+        activate = sch.get_sblock("activate")
+        sch.reverse_compute_at(activate, ow_outer, preserve_unit_loops=True)
+        sch.set_scope(activate, 0, "local")
+        *_, act_ob, _, act_ow, act_lane = sch.get_loops(activate)
+        sch.unroll(act_ob)
+        sch.unroll(act_ow)
+        sch.vectorize(act_lane)
     sch.reverse_compute_at(epilogue, ow_outer, preserve_unit_loops=True)
     sch.set_scope(conv, 0, "local")
     for loop in (ob_inner, ow_inner):
@@ -492,7 +572,7 @@ def build_conv2d_int8(
     geometry = _geometry(tuple(int(d) for d in data_shape), conv, isa, tiles)
     packed_weight = pack_weight(conv.weight, isa.lanes)
     bias = _pad_channels(conv.folded_bias(), isa.lanes)
-    multiplier = _pad_channels(conv.requant_multiplier(), isa.lanes)
+    multiplier = _pad_channels(conv.kernel_multiplier(), isa.lanes)
     constants = [packed_weight, bias, multiplier]
     data = te.placeholder(tuple(data_shape), conv.input_dtype, name="data")
     kernel = te.placeholder(packed_weight.shape, "int8", name="kernel")

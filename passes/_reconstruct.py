@@ -8,7 +8,12 @@ input channels (and, in a sequential refit, inputs that drifted), so its new wei
 from normal equations accumulated over sampled output pixels of calibration images. The ridge
 pulls the weights towards ``prior`` (the original weights sliced to the surviving inputs), not
 towards zero: with few calibration images the fit then only moves the original where the data
-say so, instead of shrinking every weight. The bias is never shrunk.
+say so, instead of shrinking every weight. The bias is never shrunk; an infinite ridge keeps the
+prior weights and fits the bias alone (a bias correction).
+
+How strong the ridge should be depends on how many samples a Conv's inputs really span, which
+the calibration set cannot say about itself: :func:`choose_ridge` fits on some calibration
+images and keeps the strength whose error is least on the others.
 
 Without a refit, :func:`mean_shift_bias` keeps only the cheapest part of it: the removed
 inputs' mean contribution moves into the bias, so the output keeps its mean.
@@ -16,6 +21,7 @@ inputs' mean contribution moves into the bias, so the output keeps its mean.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +30,9 @@ import scipy.linalg
 #: ridge of the normal equations, relative to their mean diagonal: enough to tame inputs that
 #: are (nearly) dead on the calibration images, far below any real signal
 DEFAULT_RIDGE = 1e-4
+#: relative ridge strengths :func:`choose_ridge` tries, from a plain least squares to none at all
+#: (``inf``: the prior weights with a refit bias)
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
 
 
 def patch_mask(keep_in: np.ndarray, taps: int) -> np.ndarray:
@@ -76,6 +85,16 @@ class NormalEquations:
         self.y_sum += targets.sum(axis=0)
         self.count += patches.shape[0]
 
+    def merged(self, other: NormalEquations) -> NormalEquations:
+        """The equations of both sample sets together."""
+        return NormalEquations(
+            self.gram + other.gram,
+            self.cross + other.cross,
+            self.y_squared + other.y_squared,
+            self.y_sum + other.y_sum,
+            self.count + other.count,
+        )
+
     def ridge_strength(self, ridge: float) -> float:
         dim = self.gram.shape[0]
         return ridge * max(float(np.trace(self.gram[:-1, :-1])) / max(dim - 1, 1), 1e-12)
@@ -86,7 +105,12 @@ class NormalEquations:
         return regularized
 
     def solve(self, ridge: float = DEFAULT_RIDGE, prior: np.ndarray | None = None) -> np.ndarray:
-        """``theta`` (dim x outputs); the ridge pulls it towards ``prior`` (same shape) if given."""
+        """``theta`` (dim x outputs); the ridge pulls it towards ``prior`` (same shape) if given.
+
+        ``ridge=inf`` keeps the prior's weights (zeros without one) and fits only the bias.
+        """
+        if math.isinf(ridge):
+            return self.solve_bias(np.zeros_like(self.cross) if prior is None else prior)
         regularized = self.regularized_gram(ridge)
         right = self.cross
         if prior is not None:
@@ -97,6 +121,15 @@ class NormalEquations:
             return scipy.linalg.solve(regularized, right, assume_a="pos")
         except (np.linalg.LinAlgError, ValueError):
             return np.linalg.lstsq(regularized, right, rcond=None)[0]
+
+    def solve_bias(self, theta: np.ndarray) -> np.ndarray:
+        """``theta`` with its weights kept and the bias (last row) that fits them best."""
+        fitted = np.array(theta, dtype=np.float64)
+        if self.count <= 0:
+            return fitted
+        weights = fitted[:-1]
+        fitted[-1] = (self.cross[-1] - self.gram[-1, :-1] @ weights) / self.gram[-1, -1]
+        return fitted
 
     def channel_errors(self, theta: np.ndarray) -> np.ndarray:
         """Per output: sum over samples of (y - theta^T x)^2."""
@@ -134,3 +167,20 @@ def mean_shift_bias(
     mean = second_moment[-1] / max(float(second_moment[-1, -1]), 1.0)
     removed = ~np.asarray(columns, dtype=bool)
     return augmented_weight[:, -1] + augmented_weight[:, removed] @ mean[removed]
+
+
+def choose_ridge(
+    fit: NormalEquations,
+    held: NormalEquations,
+    prior: np.ndarray,
+    grid: tuple[float, ...] = RIDGE_GRID,
+) -> tuple[float, list[float]]:
+    """The ridge of ``grid`` whose solution on ``fit`` has the least error on ``held``.
+
+    Both are normal equations of the same regression on different images, ``prior`` the weights
+    the ridge pulls towards. Returns the chosen strength and the held-out relative error of each
+    strength of ``grid`` (a tie goes to the stronger ridge: the prior is the safer guess).
+    """
+    errors = [held.relative_error(fit.solve(ridge, prior=prior)) for ridge in grid]
+    best = min(range(len(grid)), key=lambda i: (errors[i], -i))
+    return grid[best], errors

@@ -10,6 +10,9 @@ Three steps, each in its own section below:
    over sampled output pixels, with ``x'`` the surviving im2col patch and a constant column for
    the bias (``passes/_reconstruct.py``). ``sequential`` does it level by level on the pruned
    model's own activations, so each refit also absorbs the drift of the cuts before it.
+   A few dozen images do not pin down a Conv with a thousand inputs: each refit's ridge (towards
+   the sliced original weights) is the one whose fit on three quarters of the images errs least
+   on the rest, and ``augment`` adds mirrored and zoomed views of every image.
    Without a refit, ``mean_shift`` still moves the cut channels' mean into the biases.
 
 The ``lsq`` importance ranks channels the way recovery will judge them: it removes, one at a
@@ -62,7 +65,13 @@ from detc.passes._channel_groups import (
     remove_units,
 )
 from detc.passes._graph_facts import constant_array, set_constant_input
-from detc.passes._reconstruct import NormalEquations, mean_shift_bias, patch_mask
+from detc.passes._reconstruct import (
+    DEFAULT_RIDGE,
+    NormalEquations,
+    choose_ridge,
+    mean_shift_bias,
+    patch_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,8 @@ ALLOCATIONS = ("auto", "consumers", "outputs")
 
 #: images the end-to-end output error is measured on (a diagnostic, not a gate)
 _OUTPUT_ERROR_IMAGES = 4
+#: every this-many-th calibration image is held back to choose each refit's ridge on
+_HOLD_BACK_EVERY = 4
 
 
 def _option(default: Any, help: str) -> Any:
@@ -131,10 +142,17 @@ class PruneOptions:
     recover: bool = _option(
         True, "refit the Convs reading cut channels by least squares on calib (needs calib)"
     )
-    ridge: float = _option(
-        1e-4,
+    ridge: float | None = _option(
+        None,
         "ridge of the refit, relative to the mean diagonal of its normal equations; it pulls "
-        "towards the original weights",
+        "towards the original weights (inf: keep them, refit the bias only). Unset: chosen per "
+        "Conv (sequential refit, 4+ images) from 1e-6..10 and inf, the one whose fit on 3/4 of "
+        "the calibration images errs least on the rest; 1e-4 where it cannot be chosen",
+    )
+    augment: int = _option(
+        0,
+        "add this many augmented views (mirror, zoom in or out) of every calibration image to "
+        "the statistics and the refit: more samples for the same images",
     )
     mean_shift: bool = _option(
         True,
@@ -171,8 +189,10 @@ class PruneOptions:
             )
         if self.allocation == "outputs" and self.calib is None:
             raise ValueError("allocation=outputs needs calib=DIR (calibration images)")
-        if self.ridge < 0.0:
+        if self.ridge is not None and not self.ridge >= 0.0:
             raise ValueError(f"ridge={self.ridge} must not be negative")
+        if self.augment < 0:
+            raise ValueError(f"augment={self.augment} must not be negative")
         if self.importance in ("data", "lsq") and self.calib is None:
             raise ValueError(f"importance={self.importance} needs calib=DIR (calibration images)")
         if self.multiple < 1:
@@ -201,6 +221,11 @@ class LayerFit:
     name: str
     error_before: float
     error_after: float
+    ridge: float = 0.0  # the ridge of the refit (inf: weights kept, bias refit)
+
+    def to_dict(self) -> dict[str, Any]:
+        ridge: float | str = self.ridge if math.isfinite(self.ridge) else "inf"
+        return {**vars(self), "ridge": ridge}
 
 
 @dataclass
@@ -220,6 +245,7 @@ class PruneReport:
     probes: list[ProbeCut] = field(default_factory=list)
     recovery: str = "none"  # least squares, mean shift or none
     probe_images: int = 0
+    augmented_views: int = 0
 
     @property
     def mac_reduction(self) -> float:
@@ -233,6 +259,7 @@ class PruneReport:
             "macs_after": self.macs_after,
             "mac_reduction": round(self.mac_reduction, 4),
             "calib_images": self.calib_images,
+            "augmented_views": self.augmented_views,
             "allocation": self.allocation,
             "probe_metric": self.probe_metric,
             "probe_images": self.probe_images,
@@ -241,7 +268,7 @@ class PruneReport:
             "output_error_before": self.output_error_before,
             "output_error_after": self.output_error_after,
             "groups": [vars(g) for g in self.groups],
-            "fits": [vars(f) for f in self.fits],
+            "fits": [f.to_dict() for f in self.fits],
             "seconds": round(self.seconds, 2),
         }
 
@@ -267,13 +294,15 @@ class PruneReport:
             state = f"{g.channels:>4} -> {g.kept:<4}" if not g.reason else f"kept: {g.reason}"
             lines.append(f"  {g.name[:48]:<48} {state}")
         if self.fits:
+            views = f" (+{self.augmented_views} augmented views)" if self.augmented_views else ""
             lines.append(
-                f"recovery on {self.calib_images} calibration images "
-                "(relative error of each refit Conv's output, before -> after):"
+                f"recovery on {self.calib_images} calibration images{views} "
+                "(relative error of each refit Conv's output, before -> after; ridge):"
             )
             for fit in self.fits:
                 lines.append(
                     f"  {fit.name[:48]:<48} {fit.error_before:9.4f} -> {fit.error_after:9.4f}"
+                    f"  {fit.ridge:g}"
                 )
         if self.output_error_before is not None:
             after = f"{self.output_error_after:.5f}" if self.output_error_after is not None else "-"
@@ -345,8 +374,14 @@ class PrunePass(DetcPass):
                 model, opts.calib, max_images=opts.calib_images, seed=opts.seed, spec_path=opts.spec
             )
             original = to_proto(model)
-            stats = _Statistics.collect(original, cg, candidates, geometry, feeds, opts)
             report.calib_images = len(feeds)
+            sources = list(range(len(feeds)))
+            if opts.augment:
+                spec = load_spec(opts.spec) if opts.spec is not None else spec_from_onnx(original)
+                feeds, sources = _augmented_views(feeds, spec, opts.augment, opts.seed)
+                report.augmented_views = len(feeds) - report.calib_images
+            stats = _Statistics.collect(original, cg, candidates, geometry, feeds, opts)
+            stats.sources = sources
 
         cost = _MacModel(cg, node_macs, macs_before)
         rankings = {g.index: _rank(cg, g, mode, stats, opts) for g in candidates}
@@ -806,7 +841,7 @@ def _measure_curve(
     distortion = [0.0]
     for units in _probe_cuts(group, floor, opts.multiple):
         removed = group.units[ranking.order[:units]]
-        measured = probe.distortion(_trial_weights(cg, group, removed, stats, opts.ridge))
+        measured = probe.distortion(_trial_weights(cg, group, removed, stats, _fixed_ridge(opts)))
         probe.cuts.append(ProbeCut(group.name, units, cost.total - cost.macs(removed), measured))
         gone.append(units)
         distortion.append(max(distortion[-1], measured))
@@ -977,6 +1012,76 @@ def _agreement(truths: Sequence[Detections], found: Sequence[Detections]) -> flo
     return float(np.mean(precisions)) if precisions else 1.0
 
 
+# --- augmented calibration views ------------------------------------------------------------
+
+#: an augmented view zooms by a factor drawn log-uniformly from this range (below 1: the image
+#: shrinks onto the letterbox border colour; above 1: a window of it is enlarged)
+_ZOOM_RANGE = (0.6, 1.6)
+
+
+def _augmented_views(
+    feeds: Sequence[dict[str, np.ndarray]], spec: ModelSpec, copies: int, seed: int
+) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """``feeds`` followed by ``copies`` random views of each, and the image each feed shows.
+
+    A view mirrors the image half of the time and zooms it in or out: the objects change size
+    and place, the statistics of what a layer sees stay those of real inputs. Each view is drawn
+    from its own seeded generator, so the same ``seed`` always gives the same views.
+    """
+    views = list(feeds)
+    sources = list(range(len(feeds)))
+    if spec.layout != "NCHW":
+        raise BadInputError(
+            f"prune augment={copies} needs an NCHW input ('{spec.input_name}' is {spec.layout}): "
+            "set augment=0"
+        )
+    pad = (spec.pad_value * spec.scale - np.asarray(spec.mean)) / np.asarray(spec.std)
+    for image, feed in enumerate(feeds):
+        tensor = feed[spec.input_name]
+        for copy in range(copies):
+            rng = np.random.default_rng([seed, image, copy])
+            views.append({**feed, spec.input_name: _random_view(tensor, pad, rng)})
+            sources.append(image)
+    return views, sources
+
+
+def _random_view(tensor: np.ndarray, pad: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random mirror-and-zoom of ``tensor`` (1, C, H, W); ``pad``: the border, per channel."""
+    _, channels, height, width = tensor.shape
+    image = tensor[0, :, :, ::-1] if rng.random() < 0.5 else tensor[0]
+    low, high = _ZOOM_RANGE
+    zoom = math.exp(rng.uniform(math.log(low), math.log(high)))
+    if zoom >= 1.0:
+        rows, cols = max(1, round(height / zoom)), max(1, round(width / zoom))
+        top = int(rng.integers(0, height - rows + 1))
+        left = int(rng.integers(0, width - cols + 1))
+        view = _resized(image[:, top : top + rows, left : left + cols], height, width)
+    else:
+        rows, cols = max(1, round(height * zoom)), max(1, round(width * zoom))
+        top = int(rng.integers(0, height - rows + 1))
+        left = int(rng.integers(0, width - cols + 1))
+        view = np.empty((channels, height, width), np.float32)
+        view[:] = pad.astype(np.float32)[:, None, None]
+        view[:, top : top + rows, left : left + cols] = _resized(image, rows, cols)
+    return view[None].astype(tensor.dtype)
+
+
+def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of every channel of ``image`` (C, h, w) to (C, height, width)."""
+    from PIL import Image
+
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
+                    (width, height), Image.Resampling.BILINEAR
+                )
+            )
+            for channel in image
+        ]
+    )
+
+
 # --- calibration statistics -------------------------------------------------------------------
 
 
@@ -1015,6 +1120,16 @@ class _Statistics:
     layers: dict[int, _LayerStats]  # by id() of the Conv node
     seed: int
     samples: int
+    #: per feed, the calibration image it shows (augmented views share their image's)
+    sources: list[int] = field(default_factory=list)
+
+    @property
+    def holds_back(self) -> bool:
+        """Whether there are enough images to hold some back for choosing the ridge."""
+        return len(set(self.sources)) >= _HOLD_BACK_EVERY
+
+    def is_held_back(self, feed: int) -> bool:
+        return self.sources[feed] % _HOLD_BACK_EVERY == _HOLD_BACK_EVERY - 1
 
     @classmethod
     def collect(
@@ -1045,7 +1160,7 @@ class _Statistics:
                 np.zeros((dim, dim)) if is_consumer else None,
                 np.zeros(role.weight.shape[1]),
             )
-        stats = cls(layers, opts.seed, opts.samples)
+        stats = cls(layers, opts.seed, opts.samples, list(range(len(feeds))))
 
         def visit(image: int, acts: dict[str, np.ndarray]) -> None:
             for layer in layers.values():
@@ -1152,14 +1267,15 @@ def _recover(
                 model.graph,
                 refit,
                 _one_shot(refit.layer, refit.keep_in, refit.keep_out),
-                opts.ridge,
+                None,
+                _fixed_ridge(opts),
             )
             for refit in cut.values()
         ]
     fits: list[LayerFit] = []
     for batch in _refit_levels(model.graph, cg, removed, stats, cut, opts.downstream):
-        for refit, moments in zip(batch, _measure(model, batch, stats, feeds), strict=True):
-            fits.append(_apply_fit(model.graph, refit, moments, opts.ridge))
+        for refit, (fit, held) in zip(batch, _measure(model, batch, stats, feeds), strict=True):
+            fits.append(_apply_fit(model.graph, refit, fit, held, opts.ridge))
     return fits
 
 
@@ -1233,50 +1349,72 @@ def _measure(
     batch: Sequence[_Refit],
     stats: _Statistics,
     feeds: Sequence[dict[str, np.ndarray]],
-) -> list[NormalEquations]:
-    """Regress the original outputs on the *pruned* model's inputs to each Conv of ``batch``."""
-    found = []
+) -> list[tuple[NormalEquations, NormalEquations | None]]:
+    """Regress the original outputs on the *pruned* model's inputs to each Conv of ``batch``.
+
+    Per Conv, the equations of the images the fit learns from and (with enough images) those of
+    the held-back ones its ridge is chosen on: a view of an image goes with the image.
+    """
+    found: list[tuple[NormalEquations, NormalEquations | None]] = []
     for refit in batch:
         outputs = refit.layer.original.shape[0]
         if refit.keep_out is not None:
             outputs = int(refit.keep_out.sum())
         dim = int(refit.keep_in.sum()) * refit.layer.taps + 1
-        found.append(NormalEquations.zeros(dim, outputs))
+        held = NormalEquations.zeros(dim, outputs) if stats.holds_back else None
+        found.append((NormalEquations.zeros(dim, outputs), held))
 
     def visit(image: int, acts: dict[str, np.ndarray]) -> None:
-        for refit, moments in zip(batch, found, strict=True):
+        for refit, (fit, held) in zip(batch, found, strict=True):
             layer = refit.layer
             patches = stats.augmented_patches(layer, acts[_input_name(layer.role.node)], image)
             target = layer.targets[image].astype(np.float64)
             if refit.keep_out is not None:
                 target = target[:, refit.keep_out]
-            moments.add(patches, target)
+            (held if held is not None and stats.is_held_back(image) else fit).add(patches, target)
 
     collect(model, [_input_name(r.layer.role.node) for r in batch], feeds, visit)
     return found
 
 
-def _apply_fit(graph: ir.Graph, refit: _Refit, moments: NormalEquations, ridge: float) -> LayerFit:
+def _fixed_ridge(opts: PruneOptions) -> float:
+    """The ridge of refits that have no held-back images to choose one on."""
+    return DEFAULT_RIDGE if opts.ridge is None else opts.ridge
+
+
+def _apply_fit(
+    graph: ir.Graph,
+    refit: _Refit,
+    fit: NormalEquations,
+    held: NormalEquations | None,
+    ridge: float | None,
+) -> LayerFit:
     """Solve, write the refit weight and bias into the (already sliced) Conv, report errors.
 
     The ridge pulls towards the sliced original weights: what the Conv computed before is the
-    best guess wherever the calibration images say little.
+    best guess wherever the calibration images say little. Unset, it is the strength whose fit
+    on ``fit`` errs least on ``held``; the final solve then uses both.
     """
     layer = refit.layer
     node = layer.role.node
     weight = layer.role.weight
     sliced = layer.original if refit.keep_out is None else layer.original[refit.keep_out]
-    sliced = sliced[:, patch_mask(refit.keep_in, layer.taps)]
-    theta = moments.solve(ridge, prior=sliced.T)
-    before = moments.relative_error(sliced.T)
+    prior = sliced[:, patch_mask(refit.keep_in, layer.taps)].T
+    if ridge is None and held is not None and held.count > 0 and fit.count > 0:
+        chosen, _ = choose_ridge(fit, held, prior)
+    else:
+        chosen = DEFAULT_RIDGE if ridge is None else ridge
+    moments = fit if held is None else fit.merged(held)
+    theta = moments.solve(chosen, prior=prior)
+    before = moments.relative_error(prior)
     after = moments.relative_error(theta)
     if after > before:  # too few samples for the ridge to help: keep the sliced weights
-        theta, after = sliced.T, before
+        theta, after, chosen = prior, before, math.inf
     new_weight = theta[:-1].T.reshape(theta.shape[1], int(refit.keep_in.sum()), *weight.shape[2:])
     label = node_label(node)
     set_constant_input(graph, node, 1, new_weight.astype(weight.dtype), f"{label}_weight_refit")
     set_constant_input(graph, node, 2, theta[-1].astype(weight.dtype), f"{label}_bias_refit")
-    return LayerFit(label, float(before), float(after))
+    return LayerFit(label, float(before), float(after), chosen)
 
 
 def _output_error(

@@ -3,6 +3,9 @@
     <out_dir>/manifest.json   what was built, for what, from what (format "detc-artifact" v1)
     <out_dir>/model.so        the Relax VM executable (``export_library``)
     <out_dir>/params.npz      main()'s parameters after the inputs: p00000, p00001, …
+    <out_dir>/reference_qdq.onnx  int8 artifacts only: the quantized model as QDQ ONNX, which
+                              ``detc verify`` runs in onnxruntime as the quantized reference
+    <out_dir>/report/         written later by ``detc verify --data`` (replaced by a rebuild)
 
 The directory is built under a hidden temporary name beside ``out_dir`` and renamed into place
 only when every phase has succeeded, so a failed or interrupted build leaves neither a
@@ -60,7 +63,12 @@ OWNED_FIELDS = frozenset(
         "built_at",
     }
 )
-_ARTIFACT_FILES = frozenset({MANIFEST_FILE, LIBRARY_FILE, PARAMS_FILE})
+QUANTIZED_REFERENCE_FILE = "reference_qdq.onnx"
+#: what ``detc verify --data`` writes into the artifact by default
+REPORT_DIR = "report"
+#: files ``build_artifact(extra_files=...)`` may add beside the library
+EXTRA_FILES = frozenset({QUANTIZED_REFERENCE_FILE})
+_ARTIFACT_FILES = frozenset({MANIFEST_FILE, LIBRARY_FILE, PARAMS_FILE, REPORT_DIR}) | EXTRA_FILES
 
 
 def sha256_of(path: Path) -> str:
@@ -159,6 +167,7 @@ def build_artifact(
     progress: bool = True,
     report: Callable[[str], None] | None = None,
     tuning: Any = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target`` ("x86", "x86:<mcpu>", …) into the directory ``out_dir``.
 
@@ -168,10 +177,15 @@ def build_artifact(
     count the code is built for (``num-cores``; default: this machine's physical cores).
     ``tuning`` (a :class:`~detc.targets._tuning.TuningOptions`) selects the tuned pipeline:
     tuning database, optionally a search, blocked layout with weights bound as constants.
+    ``extra_files`` (name → content, names from :data:`EXTRA_FILES`) are written into the
+    artifact with the rest, under the same all-or-nothing rename.
     """
     clash = OWNED_FIELDS & set(manifest_fields)
     if clash:
         raise ValueError(f"manifest_fields may not set {sorted(clash)}: build_artifact owns them")
+    unknown = set(extra_files or {}) - EXTRA_FILES
+    if unknown:
+        raise ValueError(f"extra_files {sorted(unknown)}: the artifact layout has no such files")
     chosen = resolve_target(target)
     out_dir = Path(out_dir).absolute()
     _check_replaceable(out_dir)
@@ -243,6 +257,8 @@ def build_artifact(
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **manifest_fields,
         }
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_bytes(content)
         _write_json(staging / MANIFEST_FILE, manifest)
         _commit(staging, out_dir)
     except BaseException:

@@ -246,6 +246,24 @@ class ArmTarget(Target):
             "runs_here": platform.machine().lower() in ("aarch64", "arm64"),
         }
 
+    def import_model(self, ctx: BuildContext) -> str:
+        summary = super().import_model(ctx)
+        from detc.targets._int8 import bind_quantization_params, has_quantized_ops
+
+        if has_quantized_ops(ctx.mod):
+            # The int8 lowering reads quantized weights, scales and zero points as constants.
+            ctx.mod, ctx.params = bind_quantization_params(ctx.mod, ctx.params, ctx.num_inputs)
+        return summary
+
+    def legalize_passes(self) -> list[Any]:
+        # First: FoldConstant would turn dequantize(W_q) into a float weight and hide the pattern.
+        # As on x86 (see its _int8_lowering); the kernel uses sdot where the preset has
+        # +dotprod, widening NEON multiplies elsewhere.
+        from detc.targets._int8 import lower_qdq_conv2d_to_int8
+
+        lowering = lower_qdq_conv2d_to_int8(allow_approximate=True, float_outputs=True)
+        return [lowering, *super().legalize_passes()]
+
     def check_toolchain(self) -> None:
         find_aarch64_cross_compiler()
 

@@ -382,6 +382,98 @@ def test_relu_before_the_quantize_is_lowered_only_when_approximation_is_allowed(
     assert got.min() >= initializer(qdq, quantize.input[2])  # the ReLU held
 
 
+def insert_silu(model: onnx.ModelProto) -> str:
+    """Put SiLU (Sigmoid, Mul) between the convolution and whatever read its output, as YOLO
+    detectors have it; returns the name of the convolution's (new) output."""
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    activated = conv.output[0]
+    conv.output[0] = "before_silu"
+    position = list(model.graph.node).index(conv) + 1
+    model.graph.node.insert(position, helper.make_node("Sigmoid", ["before_silu"], ["gate"]))
+    model.graph.node.insert(
+        position + 1, helper.make_node("Mul", ["before_silu", "gate"], [activated])
+    )
+    return "before_silu"
+
+
+def test_silu_before_the_quantize_runs_in_the_kernels_epilogue(tmp_path: Path) -> None:
+    """Conv → Sigmoid → Mul → Q (every YOLO block): one kernel with a uint8 output, within 1 of
+    onnxruntime, which computes the SiLU in float between its convolution and quantize."""
+    rng = np.random.default_rng(12)
+    qdq = quantize_qdq(float_conv_model(rng, out_channels=24), rng, tmp_path)
+    insert_silu(qdq)
+    mod, _ = import_bound(qdq)
+    tvm.ir.assert_structural_equal(lower(mod, x86_target()), mod)  # approximate: not by default
+    lowered = lower(mod, x86_target(), allow_approximate=True)
+    assert relax_ops(lowered) == ["relax.quantize", "relax.call_tir"]
+    x = input_batch(rng, qdq)
+    vm, _, _ = compile_int8(qdq, allow_approximate=True)
+    got, expected = run_tvm(vm, x).astype(int), run_onnxruntime(qdq, x).astype(int)
+    assert np.unique(expected).size > 16
+    assert np.abs(got - expected).max() <= 1
+    assert np.mean(got == expected) > 0.99
+
+
+def test_silu_on_a_float_output_is_fused_within_fp32_tolerance(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    model = dequantized_conv_model(rng, tmp_path, out_channels=24)
+    insert_silu(model)
+    x = input_batch(rng, model)
+    vm, mod, _ = compile_int8(model, float_outputs=True)
+    ops = relax_ops(mod)
+    assert "relax.sigmoid" not in ops and "relax.nn.conv2d" not in ops
+    np.testing.assert_allclose(run_tvm(vm, x), run_onnxruntime(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_silu_whose_input_has_another_reader_is_not_fused(tmp_path: Path) -> None:
+    """The pre-activation is a graph output too: the kernel must still produce it, so the
+    sigmoid and the multiply stay where they are."""
+    rng = np.random.default_rng(14)
+    model = dequantized_conv_model(rng, tmp_path)
+    before = insert_silu(model)
+    dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    model.graph.output.append(helper.make_tensor_value_info(before, TensorProto.FLOAT, dims))
+    mod, _ = import_bound(model)
+    lowered_ops = relax_ops(lower(mod, x86_target(), float_outputs=True))
+    assert "relax.sigmoid" in lowered_ops and "relax.multiply" in lowered_ops
+    assert "relax.nn.conv2d" not in lowered_ops  # the convolution itself is still lowered
+    x = input_batch(rng, model)
+    vm, _, _ = compile_int8(model, float_outputs=True)
+    got = vm["main"](tvm.runtime.tensor(x))
+    expected = run_session(ort_session(model, threads=1), {"x": x})
+    for got_tensor, want in zip(got, expected.values(), strict=True):
+        np.testing.assert_allclose(got_tensor.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_sigmoid_after_a_head_reshape_and_transpose_runs_in_the_kernel(tmp_path: Path) -> None:
+    """A YOLO head: conv (3 anchors × 8 values) → Reshape → Transpose → Sigmoid. The sigmoid
+    commutes with the layout ops; the kernel applies it and the layout ops stay after it."""
+    rng = np.random.default_rng(15)
+    model = dequantized_conv_model(rng, tmp_path, out_channels=24, kernel=1, pads=(0, 0, 0, 0))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    conv.output[0] = "head"
+    shape = numpy_helper.from_array(np.array([1, 3, 8, 9, 9], np.int64))
+    model.graph.node.extend(
+        [
+            helper.make_node("Constant", [], ["head_shape"], value=shape),
+            helper.make_node("Reshape", ["head", "head_shape"], ["anchors"]),
+            helper.make_node("Transpose", ["anchors"], ["moved"], perm=[0, 1, 3, 4, 2]),
+            helper.make_node("Sigmoid", ["moved"], ["y"]),
+        ]
+    )
+    del model.graph.output[:]
+    model.graph.output.append(
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 9, 9, 8])
+    )
+    mod, _ = import_bound(model)
+    ops = relax_ops(lower(mod, x86_target(), float_outputs=True))
+    assert ops[-3:] == ["relax.call_tir", "relax.reshape", "relax.permute_dims"]
+    assert "relax.sigmoid" not in ops
+    x = input_batch(rng, model)
+    vm, _, _ = compile_int8(model, float_outputs=True)
+    np.testing.assert_allclose(run_tvm(vm, x), run_onnxruntime(model, x), rtol=1e-4, atol=1e-5)
+
+
 def test_bind_quantization_params_binds_only_what_quantization_reads(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     qdq = quantize_qdq(float_conv_model(rng), rng, tmp_path)

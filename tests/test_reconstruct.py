@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from detc.passes._reconstruct import NormalEquations, mean_shift_bias, patch_mask
+from detc.passes._reconstruct import (
+    RIDGE_GRID,
+    NormalEquations,
+    choose_ridge,
+    mean_shift_bias,
+    patch_mask,
+)
 
 
 def _samples(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
@@ -90,3 +96,67 @@ def test_mean_shift_bias_does_nothing_when_nothing_is_removed(rng: np.random.Gen
     weight = rng.normal(0.0, 1.0, (2, 4))
     bias = mean_shift_bias(weight, patches.T @ patches, np.ones(4, bool))
     np.testing.assert_array_equal(bias, weight[:, -1])
+
+
+def _equations(patches: np.ndarray, targets: np.ndarray) -> NormalEquations:
+    equations = NormalEquations.zeros(patches.shape[1], targets.shape[1])
+    equations.add(patches, targets)
+    return equations
+
+
+def test_ridge_zero_with_a_prior_is_plain_least_squares(rng: np.random.Generator) -> None:
+    patches = _samples(rng, 80, 5)
+    targets = patches @ rng.normal(0.0, 1.0, (6, 2)) + rng.normal(0.0, 0.3, (80, 2))
+    prior = rng.normal(0.0, 1.0, (6, 2))
+
+    theta = _equations(patches, targets).solve(ridge=0.0, prior=prior)
+
+    least_squares = np.linalg.lstsq(patches, targets, rcond=None)[0]
+    np.testing.assert_allclose(theta, least_squares, rtol=1e-6, atol=1e-8)
+
+
+def test_infinite_ridge_keeps_the_prior_weights_and_refits_the_bias(
+    rng: np.random.Generator,
+) -> None:
+    patches = _samples(rng, 60, 4)
+    targets = patches @ rng.normal(0.0, 1.0, (5, 3))
+    prior = rng.normal(0.0, 1.0, (5, 3))
+
+    theta = _equations(patches, targets).solve(ridge=np.inf, prior=prior)
+
+    np.testing.assert_array_equal(theta[:-1], prior[:-1])
+    residual = targets - patches[:, :-1] @ prior[:-1]
+    np.testing.assert_allclose(theta[-1], residual.mean(axis=0), rtol=1e-9, atol=1e-9)
+
+
+def test_merged_equations_are_those_of_all_samples(rng: np.random.Generator) -> None:
+    patches = _samples(rng, 40, 3)
+    targets = rng.normal(0.0, 1.0, (40, 2))
+
+    merged = _equations(patches[:25], targets[:25]).merged(_equations(patches[25:], targets[25:]))
+
+    whole = _equations(patches, targets)
+    for name in ("gram", "cross", "y_squared", "y_sum"):
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-12)
+    assert merged.count == whole.count == 40
+
+
+def test_choose_ridge_trusts_plentiful_data_and_distrusts_scarce_noisy_data(
+    rng: np.random.Generator,
+) -> None:
+    dim = 12
+    prior = rng.normal(0.0, 1.0, (dim + 1, 2))
+    truth = prior + rng.normal(0.0, 1.0, prior.shape)  # the data really moved away from prior
+
+    def noisy(count: int, noise: float, weights: np.ndarray) -> NormalEquations:
+        patches = _samples(rng, count, dim)
+        return _equations(patches, patches @ weights + rng.normal(0.0, noise, (count, 2)))
+
+    plenty, plenty_errors = choose_ridge(noisy(2000, 0.01, truth), noisy(500, 0.01, truth), prior)
+    # few noisy samples of a target the prior already explains: fitting them fits the noise
+    scarce, scarce_errors = choose_ridge(noisy(16, 3.0, prior), noisy(500, 3.0, prior), prior)
+
+    assert plenty == RIDGE_GRID[0]
+    assert plenty_errors[0] == min(plenty_errors)
+    assert scarce >= 1.0
+    assert scarce_errors[RIDGE_GRID.index(scarce)] < scarce_errors[0]
