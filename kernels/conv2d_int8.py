@@ -31,6 +31,7 @@ VNNI the same loop nest is left to LLVM's vectoriser (exact, slower).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -455,11 +456,17 @@ def _register_dot_intrinsic(lanes: int) -> str:
 # ---- the schedule ------------------------------------------------------------------------------
 
 
-def _schedule_conv2d_int8(
-    func: tvm.tirx.PrimFunc, isa: Int8Isa, geometry: _Geometry
+#: the reduction step of the register tile: ``(schedule, conv block, icb, oc, ic loops)``;
+#: it vectorises or tensorizes the innermost ``oc × ic`` dot product and splits off the init
+ReduceStep = Callable[[tvm.s_tir.Schedule, Any, Any, Any, Any], None]
+
+
+def schedule_conv2d_int8_tile(
+    func: tvm.tirx.PrimFunc, geometry: _Geometry, isa_name: str, reduce_step: ReduceStep
 ) -> tvm.tirx.PrimFunc:
-    """Register-tiled, parallel over (batch, channel tiles, rows); requantization runs on each
-    finished tile; the dot product tensorized with VNNI when ``isa.vnni``."""
+    """The schedule every int8 kernel shares (x86 and aarch64): register-tiled, parallel over
+    (batch, channel tiles, rows); the epilogue runs on each finished tile; ``reduce_step``
+    turns the innermost dot product into the architecture's instructions."""
     g = geometry
     sch = tvm.s_tir.Schedule(func)
     conv = sch.get_sblock("conv2d_int8")
@@ -472,7 +479,7 @@ def _schedule_conv2d_int8(
             sch.compute_inline(sch.get_sblock(name))
     sch.annotate(conv, "detc.ow_tile", g.ow_tile)
     sch.annotate(conv, "detc.oc_tile", g.oc_tile)
-    sch.annotate(conv, "detc.isa", isa.name)
+    sch.annotate(conv, "detc.isa", isa_name)
 
     n, ob, oh, ow, oc, icb, kh, kw, ic = sch.get_loops(conv)
     ob_outer, ob_inner = sch.split(ob, [None, g.oc_tile])
@@ -480,7 +487,8 @@ def _schedule_conv2d_int8(
     sch.reorder(n, ob_outer, oh, ow_outer, icb, kh, kw, ob_inner, ow_inner, oc, ic)
     sch.parallel(sch.fuse(n, ob_outer, oh))
     if "activate" in stages:
-        # On the finished tile, in its blocked layout: the 16 (or 8) channels are the vector.
+        # On the finished tile, in its blocked layout: the channels of an accumulator
+        # register are the vector.
         activate = sch.get_sblock("activate")
         sch.reverse_compute_at(activate, ow_outer, preserve_unit_loops=True)
         sch.set_scope(activate, 0, "local")
@@ -492,16 +500,7 @@ def _schedule_conv2d_int8(
     sch.set_scope(conv, 0, "local")
     for loop in (ob_inner, ow_inner):
         sch.unroll(loop)
-    if isa.vnni:
-        init = sch.decompose_reduction(conv, icb)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(oc, _register_dot_intrinsic(isa.lanes))
-    else:
-        # The vectoriser needs the reduction inside out: lanes innermost, channels unrolled.
-        sch.reorder(ic, oc)
-        sch.unroll(ic)
-        sch.vectorize(oc)
-        sch.decompose_reduction(conv, icb)
+    reduce_step(sch, conv, icb, oc, ic)
     # Epilogue loops (n, c, h, w) under the tile: contiguous output pixels are the vector, and
     # the channels unrolled so that every read of the accumulator tile has a constant index
     # (the tile then stays in registers instead of being reloaded from the stack: -12% here).
@@ -509,11 +508,32 @@ def _schedule_conv2d_int8(
     sch.unroll(epilogue_loops[-3])
     sch.vectorize(epilogue_loops[-1])
 
-    _schedule_pack(sch, pack, whole_blocks=g.in_channels % REDUCE_BLOCK == 0)
+    schedule_pack(sch, pack, whole_blocks=g.in_channels % REDUCE_BLOCK == 0)
     return sch.mod["main"]
 
 
-def _schedule_pack(sch: tvm.s_tir.Schedule, pack: Any, whole_blocks: bool) -> None:
+def _schedule_conv2d_int8(
+    func: tvm.tirx.PrimFunc, isa: Int8Isa, geometry: _Geometry
+) -> tvm.tirx.PrimFunc:
+    """x86: the dot product tensorized with ``vpdpbusd`` when ``isa.vnni``, else left to
+    LLVM's vectoriser (exact ``vpmaddwd``)."""
+
+    def reduce_step(sch: tvm.s_tir.Schedule, conv: Any, icb: Any, oc: Any, ic: Any) -> None:
+        if isa.vnni:
+            init = sch.decompose_reduction(conv, icb)
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.tensorize(oc, _register_dot_intrinsic(isa.lanes))
+        else:
+            # The vectoriser needs the reduction inside out: lanes innermost, channels unrolled.
+            sch.reorder(ic, oc)
+            sch.unroll(ic)
+            sch.vectorize(oc)
+            sch.decompose_reduction(conv, icb)
+
+    return schedule_conv2d_int8_tile(func, geometry, isa.name, reduce_step)
+
+
+def schedule_pack(sch: tvm.s_tir.Schedule, pack: Any, whole_blocks: bool) -> None:
     """NCHW → NCHW4c with zero-point padding. With whole channel blocks the padding is filled
     first and the image copied without conditions, which LLVM vectorises into byte interleaves
     (5x faster than the guarded copy: 0.26 → 0.05 ms for 64×82×82 here); otherwise (RGB input)

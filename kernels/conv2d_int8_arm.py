@@ -56,6 +56,7 @@ from detc.kernels.conv2d_int8 import (
     QuantizedConv2d,
     build_conv2d_int8,
     pack_weight,
+    schedule_conv2d_int8_tile,
 )
 
 # The float epilogue (dequantize [→ activation] [→ quantize]) is the x86 kernel's own code, so
@@ -341,72 +342,15 @@ def _register_dot_intrinsic(dotprod: bool) -> str:
 def _schedule_conv2d_int8(
     func: tvm.tirx.PrimFunc, isa: ArmInt8Isa, g: Geometry
 ) -> tvm.tirx.PrimFunc:
-    """Register-tiled (``oc_tile`` × ``ow_tile`` accumulators), parallel over (batch, channel
-    tiles, rows); requantization on each finished tile; every step tensorized."""
-    sch = tvm.s_tir.Schedule(func)
-    conv = sch.get_sblock("conv2d_int8")
-    pack = sch.get_sblock("pack")
-    epilogue = sch.get_sblock("requantize")
-    # A float epilogue's stages (dequantize, the sigmoid's pieces) fold into ``activate`` when
-    # the epilogue has one (it runs on the tile in its blocked layout), else into the last.
-    stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    for name in stages:
-        if name not in ("pack", "conv2d_int8", "activate", "requantize"):
-            sch.compute_inline(sch.get_sblock(name))
-    sch.annotate(conv, "detc.ow_tile", g.ow_tile)
-    sch.annotate(conv, "detc.oc_tile", g.oc_tile)
-    sch.annotate(conv, "detc.isa", isa.name)
+    """The shared int8 schedule with every step tensorized (``sdot``, or widening NEON
+    multiplies without dotprod)."""
 
-    n, ob, oh, ow, oc, icb, kh, kw, ic = sch.get_loops(conv)
-    ob_outer, ob_inner = sch.split(ob, [None, g.oc_tile])
-    ow_outer, ow_inner = sch.split(ow, [None, g.ow_tile])
-    sch.reorder(n, ob_outer, oh, ow_outer, icb, kh, kw, ob_inner, ow_inner, oc, ic)
-    sch.parallel(sch.fuse(n, ob_outer, oh))
-    if "activate" in stages:
-        # On the finished tile: the four channels of an accumulator register are the vector.
-        activate = sch.get_sblock("activate")
-        sch.reverse_compute_at(activate, ow_outer, preserve_unit_loops=True)
-        sch.set_scope(activate, 0, "local")
-        *_, act_ob, _, act_ow, act_lane = sch.get_loops(activate)
-        sch.unroll(act_ob)
-        sch.unroll(act_ow)
-        sch.vectorize(act_lane)
-    sch.reverse_compute_at(epilogue, ow_outer, preserve_unit_loops=True)
-    sch.set_scope(conv, 0, "local")
-    for loop in (ob_inner, ow_inner):
-        sch.unroll(loop)
-    init = sch.decompose_reduction(conv, icb)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oc, _register_dot_intrinsic(isa.dotprod))
-    # Channels unrolled so every accumulator read has a constant index (the tile stays in
-    # registers); contiguous output pixels are the vector.
-    epilogue_loops = sch.get_loops(epilogue)
-    sch.unroll(epilogue_loops[-3])
-    sch.vectorize(epilogue_loops[-1])
-    _schedule_pack(sch, pack, whole_blocks=g.in_channels % REDUCE_BLOCK == 0)
-    return sch.mod["main"]
+    def reduce_step(sch: tvm.s_tir.Schedule, conv: Any, icb: Any, oc: Any, _ic: Any) -> None:
+        init = sch.decompose_reduction(conv, icb)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(oc, _register_dot_intrinsic(isa.dotprod))
 
-
-def _schedule_pack(sch: tvm.s_tir.Schedule, pack: Any, whole_blocks: bool) -> None:
-    """NCHW → NCHW4c with zero-point padding: with whole channel blocks the padding is filled
-    first and the image copied without conditions; otherwise (RGB input) a guarded copy,
-    vectorised over the four channels."""
-    loops = sch.get_loops(pack)
-    if not whole_blocks:
-        sch.parallel(sch.fuse(*loops[:3]))
-        sch.vectorize(loops[-1])
-        return
-    try:
-        fill = sch.decompose_padding(pack, loops[0])
-    except tvm.s_tir.schedule.ScheduleError:  # nothing to pad: the condition is always true
-        pass
-    else:
-        fill_loops = sch.get_loops(fill)
-        sch.parallel(sch.fuse(*fill_loops[:3]))
-        sch.vectorize(sch.fuse(*fill_loops[3:]))
-    copy_loops = sch.get_loops(pack)
-    sch.parallel(sch.fuse(*copy_loops[:3]))
-    sch.unroll(copy_loops[-1])
+    return schedule_conv2d_int8_tile(func, g, isa.name, reduce_step)
 
 
 # ---- one call for the Relax lowering -----------------------------------------------------------
