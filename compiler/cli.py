@@ -365,6 +365,12 @@ def compile(
     The artifact holds the compiled library, the parameters and manifest.json
     (inputs/outputs, target, pipeline, versions, sha256 of MODEL). It is written
     atomically: on failure or Ctrl-C, nothing is left at -o.
+
+    \b
+    int8: -p "<default>,quantize{calib=DIR}" calibrates on DIR's images; add
+    max_map_drop=1.0 to keep the most sensitive layers in float until the mAP
+    drop on a COCO set (calib, or data=DIR) fits. The artifact then also holds
+    reference_qdq.onnx and the budget, which `detc verify` holds it to.
     """
     from detc.compiler.driver import compile_model
     from detc.compiler.frontend import parse_input_shapes

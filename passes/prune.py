@@ -12,7 +12,7 @@ Three steps, each in its own section below:
    model's own activations, so each refit also absorbs the drift of the cuts before it.
    A few dozen images do not pin down a Conv with a thousand inputs: each refit's ridge (towards
    the sliced original weights) is the one whose fit on three quarters of the images errs least
-   on the rest, and ``augment`` adds mirrored and zoomed views of every image.
+   on the rest.
    Without a refit, ``mean_shift`` still moves the cut channels' mean into the biases.
 
 The ``lsq`` importance ranks channels the way recovery will judge them: it removes, one at a
@@ -149,11 +149,6 @@ class PruneOptions:
         "Conv (sequential refit, 4+ images) from 1e-6..10 and inf, the one whose fit on 3/4 of "
         "the calibration images errs least on the rest; 1e-4 where it cannot be chosen",
     )
-    augment: int = _option(
-        0,
-        "add this many augmented views (mirror, zoom in or out) of every calibration image to "
-        "the statistics and the refit: more samples for the same images",
-    )
     mean_shift: bool = _option(
         True,
         "with recover=false and calib: move the cut channels' mean contribution into the "
@@ -191,8 +186,6 @@ class PruneOptions:
             raise ValueError("allocation=outputs needs calib=DIR (calibration images)")
         if self.ridge is not None and not self.ridge >= 0.0:
             raise ValueError(f"ridge={self.ridge} must not be negative")
-        if self.augment < 0:
-            raise ValueError(f"augment={self.augment} must not be negative")
         if self.importance in ("data", "lsq") and self.calib is None:
             raise ValueError(f"importance={self.importance} needs calib=DIR (calibration images)")
         if self.multiple < 1:
@@ -245,7 +238,6 @@ class PruneReport:
     probes: list[ProbeCut] = field(default_factory=list)
     recovery: str = "none"  # least squares, mean shift or none
     probe_images: int = 0
-    augmented_views: int = 0
 
     @property
     def mac_reduction(self) -> float:
@@ -259,7 +251,6 @@ class PruneReport:
             "macs_after": self.macs_after,
             "mac_reduction": round(self.mac_reduction, 4),
             "calib_images": self.calib_images,
-            "augmented_views": self.augmented_views,
             "allocation": self.allocation,
             "probe_metric": self.probe_metric,
             "probe_images": self.probe_images,
@@ -294,9 +285,8 @@ class PruneReport:
             state = f"{g.channels:>4} -> {g.kept:<4}" if not g.reason else f"kept: {g.reason}"
             lines.append(f"  {g.name[:48]:<48} {state}")
         if self.fits:
-            views = f" (+{self.augmented_views} augmented views)" if self.augmented_views else ""
             lines.append(
-                f"recovery on {self.calib_images} calibration images{views} "
+                f"recovery on {self.calib_images} calibration images "
                 "(relative error of each refit Conv's output, before -> after; ridge):"
             )
             for fit in self.fits:
@@ -375,13 +365,7 @@ class PrunePass(DetcPass):
             )
             original = to_proto(model)
             report.calib_images = len(feeds)
-            sources = list(range(len(feeds)))
-            if opts.augment:
-                spec = load_spec(opts.spec) if opts.spec is not None else spec_from_onnx(original)
-                feeds, sources = _augmented_views(feeds, spec, opts.augment, opts.seed)
-                report.augmented_views = len(feeds) - report.calib_images
             stats = _Statistics.collect(original, cg, candidates, geometry, feeds, opts)
-            stats.sources = sources
 
         cost = _MacModel(cg, node_macs, macs_before)
         rankings = {g.index: _rank(cg, g, mode, stats, opts) for g in candidates}
@@ -802,7 +786,9 @@ def _trial_weights(
     """Weights of the Convs reading ``group`` once ``removed`` go, refit in one shot.
 
     The removed inputs keep zero columns instead of being sliced away: the same function as the
-    pruned graph, so a trial is the original graph with a few weights swapped.
+    pruned graph, so a trial is the original graph with a few weights swapped. The ridge is
+    fixed: choosing it on held-back images, as the final refit does, measured no better
+    allocation and costs a solve per strength and trial.
     """
     weights: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
     for consumer in group.consumers:
@@ -1012,76 +998,6 @@ def _agreement(truths: Sequence[Detections], found: Sequence[Detections]) -> flo
     return float(np.mean(precisions)) if precisions else 1.0
 
 
-# --- augmented calibration views ------------------------------------------------------------
-
-#: an augmented view zooms by a factor drawn log-uniformly from this range (below 1: the image
-#: shrinks onto the letterbox border colour; above 1: a window of it is enlarged)
-_ZOOM_RANGE = (0.6, 1.6)
-
-
-def _augmented_views(
-    feeds: Sequence[dict[str, np.ndarray]], spec: ModelSpec, copies: int, seed: int
-) -> tuple[list[dict[str, np.ndarray]], list[int]]:
-    """``feeds`` followed by ``copies`` random views of each, and the image each feed shows.
-
-    A view mirrors the image half of the time and zooms it in or out: the objects change size
-    and place, the statistics of what a layer sees stay those of real inputs. Each view is drawn
-    from its own seeded generator, so the same ``seed`` always gives the same views.
-    """
-    views = list(feeds)
-    sources = list(range(len(feeds)))
-    if spec.layout != "NCHW":
-        raise BadInputError(
-            f"prune augment={copies} needs an NCHW input ('{spec.input_name}' is {spec.layout}): "
-            "set augment=0"
-        )
-    pad = (spec.pad_value * spec.scale - np.asarray(spec.mean)) / np.asarray(spec.std)
-    for image, feed in enumerate(feeds):
-        tensor = feed[spec.input_name]
-        for copy in range(copies):
-            rng = np.random.default_rng([seed, image, copy])
-            views.append({**feed, spec.input_name: _random_view(tensor, pad, rng)})
-            sources.append(image)
-    return views, sources
-
-
-def _random_view(tensor: np.ndarray, pad: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One random mirror-and-zoom of ``tensor`` (1, C, H, W); ``pad``: the border, per channel."""
-    _, channels, height, width = tensor.shape
-    image = tensor[0, :, :, ::-1] if rng.random() < 0.5 else tensor[0]
-    low, high = _ZOOM_RANGE
-    zoom = math.exp(rng.uniform(math.log(low), math.log(high)))
-    if zoom >= 1.0:
-        rows, cols = max(1, round(height / zoom)), max(1, round(width / zoom))
-        top = int(rng.integers(0, height - rows + 1))
-        left = int(rng.integers(0, width - cols + 1))
-        view = _resized(image[:, top : top + rows, left : left + cols], height, width)
-    else:
-        rows, cols = max(1, round(height * zoom)), max(1, round(width * zoom))
-        top = int(rng.integers(0, height - rows + 1))
-        left = int(rng.integers(0, width - cols + 1))
-        view = np.empty((channels, height, width), np.float32)
-        view[:] = pad.astype(np.float32)[:, None, None]
-        view[:, top : top + rows, left : left + cols] = _resized(image, rows, cols)
-    return view[None].astype(tensor.dtype)
-
-
-def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of every channel of ``image`` (C, h, w) to (C, height, width)."""
-    from PIL import Image
-
-    return np.stack(
-        [
-            np.asarray(
-                Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
-                    (width, height), Image.Resampling.BILINEAR
-                )
-            )
-            for channel in image
-        ]
-    )
-
-
 # --- calibration statistics -------------------------------------------------------------------
 
 
@@ -1120,16 +1036,15 @@ class _Statistics:
     layers: dict[int, _LayerStats]  # by id() of the Conv node
     seed: int
     samples: int
-    #: per feed, the calibration image it shows (augmented views share their image's)
-    sources: list[int] = field(default_factory=list)
+    images: int = 0
 
     @property
     def holds_back(self) -> bool:
         """Whether there are enough images to hold some back for choosing the ridge."""
-        return len(set(self.sources)) >= _HOLD_BACK_EVERY
+        return self.images >= _HOLD_BACK_EVERY
 
-    def is_held_back(self, feed: int) -> bool:
-        return self.sources[feed] % _HOLD_BACK_EVERY == _HOLD_BACK_EVERY - 1
+    def is_held_back(self, image: int) -> bool:
+        return self.holds_back and image % _HOLD_BACK_EVERY == _HOLD_BACK_EVERY - 1
 
     @classmethod
     def collect(
@@ -1160,7 +1075,7 @@ class _Statistics:
                 np.zeros((dim, dim)) if is_consumer else None,
                 np.zeros(role.weight.shape[1]),
             )
-        stats = cls(layers, opts.seed, opts.samples, list(range(len(feeds))))
+        stats = cls(layers, opts.seed, opts.samples, len(feeds))
 
         def visit(image: int, acts: dict[str, np.ndarray]) -> None:
             for layer in layers.values():
@@ -1353,7 +1268,7 @@ def _measure(
     """Regress the original outputs on the *pruned* model's inputs to each Conv of ``batch``.
 
     Per Conv, the equations of the images the fit learns from and (with enough images) those of
-    the held-back ones its ridge is chosen on: a view of an image goes with the image.
+    the held-back ones its ridge is chosen on.
     """
     found: list[tuple[NormalEquations, NormalEquations | None]] = []
     for refit in batch:
@@ -1409,7 +1324,8 @@ def _apply_fit(
     before = moments.relative_error(prior)
     after = moments.relative_error(theta)
     if after > before:  # too few samples for the ridge to help: keep the sliced weights
-        theta, after, chosen = prior, before, math.inf
+        theta, chosen = moments.solve_bias(prior), math.inf
+        after = moments.relative_error(theta)
     new_weight = theta[:-1].T.reshape(theta.shape[1], int(refit.keep_in.sum()), *weight.shape[2:])
     label = node_label(node)
     set_constant_input(graph, node, 1, new_weight.astype(weight.dtype), f"{label}_weight_refit")

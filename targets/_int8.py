@@ -587,9 +587,7 @@ class _LowerQdqConv2d(expr_functor.PyExprMutator):
         result: relax.Expr = relax.call_tir(gvar, [data, *constants], out_type)
         for layout_call in matched.then:
             moved = self.builder_.emit(result)
-            result = relax.Call(
-                layout_call.op, [moved, *layout_call.args[1:]], layout_call.attrs
-            )
+            result = relax.Call(layout_call.op, [moved, *layout_call.args[1:]], layout_call.attrs)
         return result
 
 

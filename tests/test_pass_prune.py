@@ -14,11 +14,9 @@ from PIL import Image
 from detc.compiler._errors import BadInputError
 from detc.compiler._pass import parse_options
 from detc.compiler._stats import graph_stats
-from detc.compiler.modelspec import ModelSpec
 from detc.compiler.tolerances import FP32_EXACT, Tolerance
-from detc.passes import prune as prune_module
 from detc.passes._channel_groups import analyze_channels
-from detc.passes._reconstruct import RIDGE_GRID
+from detc.passes._reconstruct import DEFAULT_RIDGE, RIDGE_GRID
 from detc.passes.prune import PruneOptions, PrunePass
 from tests._models import (
     assert_outputs_close,
@@ -242,7 +240,6 @@ def test_without_recovery_the_weights_are_only_sliced(
         ([("importance", "data")], "importance=data needs calib=DIR"),
         ([("ratio", "1.5")], "ratio=1.5 must be in [0, 1)"),
         ([("ridge", "-1")], "ridge=-1.0 must not be negative"),
-        ([("augment", "-2")], "augment=-2 must not be negative"),
     ],
 )
 def test_options_are_checked(text: list[tuple[str, str]], message: str) -> None:
@@ -429,64 +426,18 @@ def test_sequential_refit_reaches_uncut_convs_only_when_asked(
     assert [f.name for f in pass_.report.fits] == (["c", "head"] if downstream else ["c"])
 
 
-def _tensors(rng: np.random.Generator, count: int) -> list[dict[str, np.ndarray]]:
-    return [{"images": rng.uniform(0, 1, (1, 3, 12, 20)).astype(np.float32)} for _ in range(count)]
-
-
-def test_augmented_views_are_reproducible_and_remember_their_image(
-    rng: np.random.Generator,
-) -> None:
-    feeds = _tensors(rng, 3)
-    spec = ModelSpec(input_size=(12, 20))
-
-    views, sources = prune_module._augmented_views(feeds, spec, 2, seed=5)
-    again, _ = prune_module._augmented_views(feeds, spec, 2, seed=5)
-    other, _ = prune_module._augmented_views(feeds, spec, 2, seed=6)
-
-    assert sources == [0, 1, 2, 0, 0, 1, 1, 2, 2]
-    assert all(v["images"] is f["images"] for v, f in zip(views[:3], feeds, strict=True))
-    for view, twin in zip(views, again, strict=True):
-        assert view["images"].shape == (1, 3, 12, 20) and view["images"].dtype == np.float32
-        np.testing.assert_array_equal(view["images"], twin["images"])
-    assert any(
-        not np.array_equal(v["images"], o["images"]) for v, o in zip(views, other, strict=True)
-    )
-
-
-def test_a_view_mirrors_or_shrinks_onto_the_letterbox_border(
-    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tensor = rng.uniform(0, 1, (1, 3, 8, 10)).astype(np.float32)
-    pad = np.array([0.1, 0.2, 0.3])
-
-    monkeypatch.setattr(prune_module, "_ZOOM_RANGE", (1.0, 1.0))
-    same = [prune_module._random_view(tensor, pad, np.random.default_rng(s)) for s in range(6)]
-    monkeypatch.setattr(prune_module, "_ZOOM_RANGE", (0.5, 0.5))
-    shrunk = prune_module._random_view(tensor, pad, np.random.default_rng(0))
-
-    for view in same:  # no zoom: the image itself or its mirror image, exactly
-        assert np.array_equal(view, tensor) or np.array_equal(view, tensor[..., ::-1])
-    assert any(np.array_equal(v, tensor[..., ::-1]) for v in same)
-    inside = np.zeros((8, 10), bool)
-    for channel, value in enumerate(pad.tolist()):
-        is_pad = np.isclose(shrunk[0, channel], value)
-        inside |= ~is_pad
-    rows, cols = np.nonzero(inside)
-    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (4, 5)
-
-
-def test_augmented_recovery_is_reproducible_and_chooses_a_ridge_per_conv(
+def test_recovery_chooses_a_ridge_per_conv_on_held_back_images(
     rng: np.random.Generator, calib_dir: Path
 ) -> None:
     template = ir.serde.serialize_model(detector(rng))
-    options = dict(ratio=0.4, multiple=2, calib=calib_dir, calib_images=8, augment=1)
+    options = dict(ratio=0.4, multiple=2, calib=calib_dir, calib_images=8)
     first = ir.serde.deserialize_model(template)
     second = ir.serde.deserialize_model(template)
     report = _prune(first, **options).report
     _prune(second, **options)
 
     assert report is not None and report.fits
-    assert report.calib_images == 8 and report.augmented_views == 8
+    assert report.calib_images == 8
     assert all(fit.ridge in RIDGE_GRID for fit in report.fits)
     assert report.output_error_after is not None and report.output_error_before is not None
     assert report.output_error_after < report.output_error_before
@@ -500,3 +451,13 @@ def test_a_fixed_ridge_is_used_as_given(rng: np.random.Generator, calib_dir: Pat
 
     assert report is not None and report.fits
     assert {fit.ridge for fit in report.fits} <= {0.5, np.inf}
+
+
+def test_with_too_few_images_to_hold_back_the_ridge_is_the_default(
+    rng: np.random.Generator, calib_dir: Path
+) -> None:
+    model = detector(rng)
+    report = _prune(model, ratio=0.4, multiple=2, calib=calib_dir, calib_images=3).report
+
+    assert report is not None and report.fits
+    assert {fit.ridge for fit in report.fits} <= {DEFAULT_RIDGE, np.inf}
