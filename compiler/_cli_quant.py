@@ -86,7 +86,11 @@ def quant_report(
     m.onnx --data coco/ --decoder yolov5 --plot sensitivity.png`.
     """
     from detc.compiler._errors import BadInputError
-    from detc.compiler.quantization import layer_sensitivity, write_sensitivity_plot
+    from detc.compiler.quantization import (
+        Calibration,
+        layer_sensitivity,
+        write_sensitivity_plot,
+    )
 
     calib = calib if calib is not None else data
     if calib is None:
@@ -105,14 +109,11 @@ def quant_report(
 
     report = layer_sensitivity(
         loaded.model,
-        calib,
+        Calibration(calib, calib_images, method=method, activations=activations),
         data,
         decoder,
-        method=method,
-        calib_images=calib_images,
         probe_images=probe_images,
         max_images=max_images,
-        activations=activations,
         rank_by=rank_by,
         threads=threads,
         on_layer=None if as_json else progress,

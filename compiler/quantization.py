@@ -240,46 +240,65 @@ class MapMeter:
         return report.reference.metrics.map
 
 
-def _as_calibrated(
-    model: ModelSource,
-    calib: str | os.PathLike[str] | None,
-    *,
-    calib_images: int,
-    seed: int,
-    spec_path: str | os.PathLike[str] | None,
-    method: str,
-    percentile: float,
-    bins: int,
-    settings: QdqSettings,
-    ops: Sequence[str],
-    exclude: Sequence[str],
-) -> CalibratedModel:
-    if isinstance(model, CalibratedModel):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        from detc.compiler.frontend import load_model
+@dataclass(frozen=True)
+class Calibration:
+    """How :func:`layer_sensitivity` and :func:`mixed_precision` calibrate a float model (the
+    options of the ``quantize`` pass, which hands them a :class:`CalibratedModel` instead)."""
 
-        model = load_model(model).model
-    if calib is None:
-        raise BadInputError("int8 calibration needs images: give calib (a folder or COCO dataset)")
-    feeds = calibration_feeds(model, calib, max_images=calib_images, seed=seed, spec_path=spec_path)
-    calibrated = calibrate_model(
-        model,
-        feeds,
-        op_types=ops,
-        excluded=exclude,
-        method=method,
-        percentile=percentile,
-        bins=bins,
-        settings=settings,
-    )
-    if not calibrated.layers:
-        why = f": {calibrated.rejected[0][2]}" if calibrated.rejected else ""
-        raise BadInputError(
-            f"the model has no {'/'.join(ops)} layer to quantize "
-            f"({len(calibrated.rejected)} refused{why}); check ops= and exclude="
+    calib: str | os.PathLike[str] | None = None  # a folder of images or a COCO dataset
+    calib_images: int = 32
+    seed: int = 0
+    method: str = "percentile"
+    percentile: float = 99.999
+    bins: int = 2048
+    activations: str = "asymmetric"
+    per_channel: bool = True
+    quantize_outputs: bool = False
+    ops: Sequence[str] = ("Conv", "Gemm", "MatMul")
+    exclude: Sequence[str] = ()
+
+    def apply(
+        self, model: ModelSource, spec_path: str | os.PathLike[str] | None = None
+    ) -> CalibratedModel:
+        """``model`` calibrated (returned as is when it already is a :class:`CalibratedModel`);
+        ``spec_path``: the model spec that says how images are preprocessed."""
+        if isinstance(model, CalibratedModel):
+            return model
+        if isinstance(model, (str, os.PathLike)):
+            from detc.compiler.frontend import load_model
+
+            model = load_model(model).model
+        if self.calib is None:
+            raise BadInputError(
+                "int8 calibration needs images: give calib (a folder or COCO dataset)"
+            )
+        feeds = calibration_feeds(
+            model,
+            self.calib,
+            max_images=self.calib_images,
+            seed=self.seed,
+            spec_path=spec_path,
         )
-    return calibrated
+        settings = QdqSettings(
+            self.per_channel, self.activations == "symmetric", self.quantize_outputs
+        )
+        calibrated = calibrate_model(
+            model,
+            feeds,
+            op_types=self.ops,
+            excluded=self.exclude,
+            method=self.method,
+            percentile=self.percentile,
+            bins=self.bins,
+            settings=settings,
+        )
+        if not calibrated.layers:
+            why = f": {calibrated.rejected[0][2]}" if calibrated.rejected else ""
+            raise BadInputError(
+                f"the model has no {'/'.join(self.ops)} layer to quantize "
+                f"({len(calibrated.rejected)} refused{why}); check ops= and exclude="
+            )
+        return calibrated
 
 
 def _outputs(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list[np.ndarray]:
@@ -292,51 +311,28 @@ def _outputs(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> li
 
 def layer_sensitivity(
     model: ModelSource,
-    calib: str | os.PathLike[str] | None = None,
+    calibration: Calibration = Calibration(),
     data: str | os.PathLike[str] | None = None,
     decoder: str | None = None,
     *,
-    method: str = "percentile",
-    calib_images: int = 32,
     probe_images: int = 8,
     max_images: int | None = None,
-    percentile: float = 99.999,
-    bins: int = 2048,
-    activations: str = "asymmetric",
-    per_channel: bool = True,
-    quantize_outputs: bool = False,
-    ops: Sequence[str] = ("Conv", "Gemm", "MatMul"),
-    exclude: Sequence[str] = (),
-    spec_path: str | os.PathLike[str] | None = None,
-    seed: int = 0,
     rank_by: str | None = None,
+    spec_path: str | os.PathLike[str] | None = None,
     threads: int = 0,
     on_layer: Callable[[LayerSensitivity], None] | None = None,
 ) -> SensitivityReport:
     """Quantize each quantizable layer alone and measure what it does to the outputs (and mAP).
 
-    ``model`` is a path, an ``onnx_ir`` or ``onnx`` model (calibrated here on ``calib``: a
-    folder of images or a COCO dataset) or a :class:`CalibratedModel`. SQNR and cosine compare
+    ``model`` is a path, an ``onnx_ir`` or ``onnx`` model (calibrated here as ``calibration``
+    says) or a :class:`CalibratedModel`. SQNR and cosine compare
     the graph outputs with the float model's on the first ``probe_images`` calibration images.
     With ``data`` (a COCO dataset) each layer's mAP change is measured too, on ``max_images``
     of it (all by default) with ``decoder`` (default: the model spec's). ``rank_by`` is
     ``sqnr`` unless ``map`` is asked for: one layer's mAP change on a small dataset is mostly
     noise (yolov5n, 64 coco images: -0.6 to +0.9 points, single layers "improving" the model).
     """
-    settings = QdqSettings(per_channel, activations == "symmetric", quantize_outputs)
-    calibrated = _as_calibrated(
-        model,
-        calib,
-        calib_images=calib_images,
-        seed=seed,
-        spec_path=spec_path,
-        method=method,
-        percentile=percentile,
-        bins=bins,
-        settings=settings,
-        ops=ops,
-        exclude=exclude,
-    )
+    calibrated = calibration.apply(model, spec_path)
     probes = calibrated.feeds[:probe_images]
     reference = _outputs(calibrated.proto, probes, threads)
     meter = None
@@ -439,26 +435,16 @@ class MixedPrecisionResult:
 
 def mixed_precision(
     model: ModelSource,
-    calib: str | os.PathLike[str] | None = None,
+    calibration: Calibration = Calibration(),
     *,
     data: str | os.PathLike[str],
     max_map_drop: float,
     decoder: str | None = None,
     rank_by: str = "sqnr",
     sensitivity: SensitivityReport | None = None,
-    method: str = "percentile",
-    calib_images: int = 32,
     probe_images: int = 8,
     max_images: int | None = None,
-    percentile: float = 99.999,
-    bins: int = 2048,
-    activations: str = "asymmetric",
-    per_channel: bool = True,
-    quantize_outputs: bool = False,
-    ops: Sequence[str] = ("Conv", "Gemm", "MatMul"),
-    exclude: Sequence[str] = (),
     spec_path: str | os.PathLike[str] | None = None,
-    seed: int = 0,
     threads: int = 0,
 ) -> MixedPrecisionResult:
     """The quantized model with the fewest most-sensitive layers in float whose mAP drop fits.
@@ -470,20 +456,7 @@ def mixed_precision(
     holds, then bisect between the last two counts: the mAP is treated as improving with each
     layer returned to float, which the measurements only approximate.
     """
-    settings = QdqSettings(per_channel, activations == "symmetric", quantize_outputs)
-    calibrated = _as_calibrated(
-        model,
-        calib,
-        calib_images=calib_images,
-        seed=seed,
-        spec_path=spec_path,
-        method=method,
-        percentile=percentile,
-        bins=bins,
-        settings=settings,
-        ops=ops,
-        exclude=exclude,
-    )
+    calibrated = calibration.apply(model, spec_path)
     meter = MapMeter(
         data,
         calibrated.proto,
@@ -508,6 +481,7 @@ def mixed_precision(
     if sensitivity is None:
         sensitivity = layer_sensitivity(
             calibrated,
+            calibration,
             data=data if rank_by == "map" else None,
             decoder=decoder,
             probe_images=probe_images,

@@ -167,6 +167,18 @@ def _merge(per_run: list[list[TensorDiff]]) -> list[TensorDiff]:
     return merged
 
 
+def _feed_sets(
+    manifest: Mapping[str, Any], inputs: str | None, seed: int, runs: int
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The input sets both sides run on, and how to describe them in the report: ``inputs``
+    (an .npz keyed by input name) or ``runs`` seeded random sets (seeds ``seed``, ``seed+1``...)."""
+    specs = manifest_inputs(manifest)
+    if inputs is not None:
+        return [load_feeds(inputs, specs)], inputs
+    feed_sets = [random_feeds(specs, seed + i) for i in range(runs)]
+    return feed_sets, f"seeded random (seed {seed}, {runs} set{'s' if runs > 1 else ''})"
+
+
 def verify_tensors(
     artifact_dir: str | os.PathLike[str],
     reference: str | os.PathLike[str],
@@ -184,13 +196,7 @@ def verify_tensors(
     seeds ``seed``, ``seed+1``, ...).
     """
     manifest = read_manifest(artifact_dir)
-    specs = manifest_inputs(manifest)
-    if inputs is not None:
-        feed_sets = [load_feeds(inputs, specs)]
-        described = inputs
-    else:
-        feed_sets = [random_feeds(specs, seed + i) for i in range(runs)]
-        described = f"seeded random (seed {seed}, {runs} set{'s' if runs > 1 else ''})"
+    feed_sets, described = _feed_sets(manifest, inputs, seed, runs)
     session = ort_session(reference_proto(reference, manifest), threads=num_threads or 0)
     expected = [run_session(session, f) for f in feed_sets]
     runner = artifact_batch_runner(
@@ -584,13 +590,7 @@ def verify_quantized_tensors(
     if record is None:
         raise BadInputError(f"{artifact_dir}: not an int8 artifact (no quantization record)")
     qdq_path = quantized_reference_path(artifact_dir, record)
-    specs = manifest_inputs(manifest)
-    if inputs is not None:
-        feed_sets = [load_feeds(inputs, specs)]
-        described = inputs
-    else:
-        feed_sets = [random_feeds(specs, seed + i) for i in range(runs)]
-        described = f"seeded random (seed {seed}, {runs} set{'s' if runs > 1 else ''})"
+    feed_sets, described = _feed_sets(manifest, inputs, seed, runs)
     threads = num_threads or 0
     qdq_proto = reference_proto(qdq_path, manifest)
     qdq_session = ort_session(qdq_proto, threads=threads)

@@ -495,14 +495,30 @@ def quantize_qdq(
         return onnx.load(out)
 
 
+#: ops whose first two inputs are the activation and the weight: quantized when both are
+_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 def quantized_nodes(model: onnx.ModelProto) -> set[str]:
-    """Names of the nodes of a QDQ model that read a DequantizeLinear."""
+    """Names of the nodes of a QDQ model that compute in int8: a Conv/Gemm/MatMul whose
+    activation and weight both come from a DequantizeLinear, any other node whose inputs all do.
+
+    Reading *a* dequantized input is not enough: a tensor read by an int8 layer and a float one
+    (the two branches of a C3 block) has one Q/DQ pair that both read, the float layer through
+    the DequantizeLinear with its float weight.
+    """
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+
+    def int8(node: onnx.NodeProto) -> bool:
+        inputs = [i for i in node.input if i]
+        if node.op_type in _WEIGHTED_OPS:
+            inputs = list(node.input[:2])
+        return bool(inputs) and all(i in dequantized for i in inputs)
+
     return {
         n.name
         for n in model.graph.node
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-        and any(i in dequantized for i in n.input)
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and int8(n)
     }
 
 

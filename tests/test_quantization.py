@@ -27,6 +27,7 @@ from detc.compiler._errors import BadInputError
 from detc.compiler.decoders import Detections, register_decoder
 from detc.compiler.modelspec import ModelSpec
 from detc.compiler.quantization import (
+    Calibration,
     LayerSensitivity,
     channel_axis,
     channel_sqnr_db,
@@ -185,11 +186,9 @@ def test_the_layer_with_an_outlier_laden_input_ranks_first(cells: tuple[Path, Pa
     model, data = cells
     report = layer_sensitivity(
         model,
-        calib=data,
+        Calibration(calib=data, method="minmax", calib_images=8),
         data=data,
         decoder=DECODER,
-        method="minmax",
-        calib_images=8,
         rank_by="map",
     )
     by_name = {s.name: s for s in report.layers}
@@ -207,7 +206,7 @@ def test_the_layer_with_an_outlier_laden_input_ranks_first(cells: tuple[Path, Pa
     shares = [s.mac_share for s in report.layers]
     assert sum(shares) == pytest.approx(1.0)
     # the same ranking from the cheap measurement alone
-    cheap = layer_sensitivity(model, calib=data, method="minmax", calib_images=8)
+    cheap = layer_sensitivity(model, Calibration(calib=data, method="minmax", calib_images=8))
     assert cheap.rank_by == "sqnr" and cheap.layers[0].name == "b"
     assert all(s.map_delta is None for s in cheap.layers)
     table = report.table()
@@ -217,7 +216,11 @@ def test_the_layer_with_an_outlier_laden_input_ranks_first(cells: tuple[Path, Pa
 def test_mixed_precision_keeps_the_hard_layer_in_float(cells: tuple[Path, Path]) -> None:
     model, data = cells
     result = mixed_precision(
-        model, calib=data, data=data, decoder=DECODER, max_map_drop=5.0, method="minmax"
+        model,
+        Calibration(calib=data, method="minmax"),
+        data=data,
+        decoder=DECODER,
+        max_map_drop=5.0,
     )
     assert 100 * (result.float_map - result.fully_quantized_map) > 5.0  # the budget binds
     assert [s.name for s in result.kept_float] == ["b"]
@@ -234,7 +237,11 @@ def test_mixed_precision_with_room_to_spare_keeps_everything_int8(
 ) -> None:
     model, data = cells
     result = mixed_precision(
-        model, calib=data, data=data, decoder=DECODER, max_map_drop=100.0, method="minmax"
+        model,
+        Calibration(calib=data, method="minmax"),
+        data=data,
+        decoder=DECODER,
+        max_map_drop=100.0,
     )
     assert result.kept_float == [] and len(result.trials) == 1
     assert quantized_nodes(result.model) == {"a", "b", "c"}
@@ -306,4 +313,4 @@ def test_sensitivity_of_a_model_without_quantizable_layers_is_refused(
         [value_info("y", np.float32, [1, 3, SIZE, SIZE])],
     )
     with pytest.raises(BadInputError, match="no Conv/Gemm/MatMul layer to quantize"):
-        layer_sensitivity(plain, calib=data)
+        layer_sensitivity(plain, Calibration(calib=data))
