@@ -496,7 +496,7 @@ def quantize_qdq(
 
 
 #: ops whose first two inputs are the activation and the weight: quantized when both are
-_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_ACTIVATION_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def quantized_nodes(model: onnx.ModelProto) -> set[str]:
@@ -511,7 +511,7 @@ def quantized_nodes(model: onnx.ModelProto) -> set[str]:
 
     def int8(node: onnx.NodeProto) -> bool:
         inputs = [i for i in node.input if i]
-        if node.op_type in _WEIGHTED_OPS:
+        if node.op_type in _ACTIVATION_WEIGHT_OPS:
             inputs = list(node.input[:2])
         return bool(inputs) and all(i in dequantized for i in inputs)
 
