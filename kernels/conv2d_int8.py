@@ -19,8 +19,23 @@ Layouts (``L`` = int32 lanes of the accumulator vector: 16 with AVX-512, 8 with 
     data     [N, C, H, W]                 uint8 or int8 (int8 is shifted by +128 on packing)
     packed   [N, C/4, H', W', 4]          uint8: four input channels per 32-bit word, padded
     kernel   [OC/L, C/4, KH, KW, L, 4]    int8  (:func:`pack_weight`)
-    acc      [N, OC/L, OH, OW', L]        int32, a register tile (``local``)
+    acc      [N, OC/L, OH, OW', L]        int32, a register tile
     output   [N, OC, OH, OW]              uint8 or int8
+
+That is the *channel* layout. The *pixel* layout (stride 1 along the width, VNNI only) swaps
+the roles: a vector is ``L`` neighbouring output pixels of one channel, one ``vpdpbusd`` takes
+``L`` packed pixels (one contiguous 64-byte load) times one channel's four weight bytes
+(broadcast), the weights are packed ``[OC/t, C/4, KH, KW, t, 4]`` for a tile of ``t`` channels,
+and the accumulator ``[N, OC', OH, OW']`` is NCHW already: the epilogue stores whole pixel vectors
+instead of transposing 16-channel vectors byte by byte. A 1×1 convolution with stride 1 and no
+padding runs on the image as one row of ``H·W`` pixels. Which layout and tile is fastest depends
+on the workload: :mod:`detc.kernels._int8_tiles` measures and remembers it.
+
+Temporaries of a tile are in the default ("global") scope, and the searched pixel tiles stay
+under 1 KiB: TVM serves a ``local`` buffer, or any buffer of 1 KiB or more, inside a parallel loop
+with a ``TVMBackendAllocWorkspace`` call per tile (heap memory the accumulator then lives in)
+instead of the stack, where LLVM keeps it in registers. (The channel layout's default 2 × 10 tile
+is 1.25 KiB and still takes the heap path; measured, it was no slower than 2 × 7.)
 
 One step of the reduction is one ``vpdpbusd``: the four bytes of one pixel (broadcast) times the
 ``L × 4`` weight bytes of ``L`` output channels, added into ``L`` int32 lanes. With AVX512-VNNI
@@ -46,6 +61,11 @@ from detc.kernels.fast_math import fast_sigmoid
 CONV_INT8_MARK = "detc.conv2d_int8"
 #: input channels one ``vpdpbusd`` lane reduces
 REDUCE_BLOCK = 4
+#: accumulator layouts (:class:`_Geometry`)
+CHANNELS = "channels"
+PIXELS = "pixels"
+#: the schedule's knobs: ``layout`` (CHANNELS or PIXELS), ``oc_tile``, ``ow_tile``
+Tiles = dict[str, Any]
 
 _INTRINSICS = {
     # lanes → (tensor intrinsic name, LLVM intrinsic)
@@ -204,14 +224,24 @@ class _Geometry:
     out_w: int
     ow_tile: int
     oc_tile: int
+    #: ``"channels"``: the accumulator vector is ``lanes`` output channels of one pixel (tile:
+    #: ``oc_tile`` channel blocks × ``ow_tile`` pixels); ``"pixels"``: it is ``lanes``
+    #: neighbouring output pixels of one channel (tile: ``oc_tile`` channels × ``ow_tile``
+    #: pixels, a multiple of ``lanes``), which needs stride 1 along the width
+    layout: str = CHANNELS
 
     @property
     def padded_out_w(self) -> int:
         return -(-self.out_w // self.ow_tile) * self.ow_tile
 
+    @property
+    def padded_out_channels(self) -> int:
+        """Output channels the accumulator holds (the pixel layout pads to whole tiles)."""
+        return -(-self.out_channels // self.oc_tile) * self.oc_tile
+
 
 def _geometry(
-    data_shape: tuple[int, ...], conv: QuantizedConv2d, isa: Int8Isa, tiles: dict[str, int] | None
+    data_shape: tuple[int, ...], conv: QuantizedConv2d, isa: Int8Isa, tiles: Tiles | None
 ) -> _Geometry:
     batch, in_channels, height, width = data_shape
     out_channels, weight_in, kernel_h, kernel_w = conv.weight.shape
@@ -222,12 +252,28 @@ def _geometry(
     top, left, bottom, right = conv.padding
     out_h = (height + top + bottom - (kernel_h - 1) * dilation_h - 1) // stride_h + 1
     out_w = (width + left + right - (kernel_w - 1) * dilation_w - 1) // stride_w + 1
-    out_blocks = -(-out_channels // isa.lanes)
     chosen = dict(tiles or {})
-    oc_tile = chosen.get("oc_tile") or (2 if out_blocks % 2 == 0 else 1)
-    if out_blocks % oc_tile:
-        raise ValueError(f"oc_tile {oc_tile} does not divide {out_blocks} channel blocks")
-    ow_tile = chosen.get("ow_tile") or _pick_ow_tile(out_w, (isa.registers * 3 // 4) // oc_tile)
+    layout = str(chosen.get("layout") or CHANNELS)
+    if layout == PIXELS:
+        if not pixel_layout_applies(conv, isa):
+            raise ValueError("the pixel layout needs VNNI and stride 1 along the width")
+        oc_tile = int(chosen.get("oc_tile") or 4)
+        ow_tile = int(chosen.get("ow_tile") or isa.lanes * 4)
+        if ow_tile % isa.lanes or out_w % ow_tile:
+            # A partial pixel tile would need a predicated vector epilogue (LLVM 22 aborts on
+            # the one TVM emits): the tile must divide the row.
+            raise ValueError(
+                f"ow_tile {ow_tile} is not a multiple of {isa.lanes} pixels dividing {out_w}"
+            )
+    elif layout == CHANNELS:
+        out_blocks = -(-out_channels // isa.lanes)
+        oc_tile = int(chosen.get("oc_tile") or (2 if out_blocks % 2 == 0 else 1))
+        if out_blocks % oc_tile:
+            raise ValueError(f"oc_tile {oc_tile} does not divide {out_blocks} channel blocks")
+        budget = (isa.registers * 3 // 4) // oc_tile
+        ow_tile = int(chosen.get("ow_tile") or _pick_ow_tile(out_w, budget))
+    else:
+        raise ValueError(f"unknown accumulator layout {layout!r} ({CHANNELS}, {PIXELS})")
     return _Geometry(
         batch,
         in_channels,
@@ -240,7 +286,20 @@ def _geometry(
         out_w,
         ow_tile,
         oc_tile,
+        layout,
     )
+
+
+def pixel_layout_applies(conv: QuantizedConv2d, isa: Int8Isa) -> bool:
+    """Whether the pixel layout can compute ``conv``: one ``vpdpbusd`` reads ``lanes``
+    neighbouring packed pixels as one contiguous vector (stride 1 along the width)."""
+    return isa.vnni and conv.strides[1] == 1
+
+
+def flattens_pixels(conv: QuantizedConv2d) -> bool:
+    """A 1×1 convolution with stride 1 and no padding reads pixel ``p`` for output ``p``: it
+    runs on the image as one row of ``H·W`` pixels (no tile ever straddles a row end)."""
+    return conv.weight.shape[2:] == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
 
 
 def _pick_ow_tile(out_w: int, budget: int) -> int:
@@ -307,12 +366,26 @@ def _conv2d_int8_compute(
             axis=[icb, kh, kw, ic],
         )
 
-    acc = te.compute(
-        (g.batch, out_blocks, g.out_h, g.padded_out_w, lanes),
-        accumulate,
-        name="conv2d_int8",
-        attrs={CONV_INT8_MARK: 1},
-    )
+    def accumulate_pixels(n: Any, c: Any, oh: Any, ow: Any) -> Any:
+        # stride 1 along the width: ``lanes`` neighbouring ``ow`` read neighbouring pixels
+        pixel = packed[n, icb, oh * stride_h + kh * dilation_h, ow + kw * dilation_w, ic]
+        weight = kernel[c // g.oc_tile, icb, kh, kw, c % g.oc_tile, ic]
+        return te.sum(pixel.astype("int32") * weight.astype("int32"), axis=[icb, kh, kw, ic])
+
+    if g.layout == PIXELS:
+        acc = te.compute(
+            (g.batch, g.padded_out_channels, g.out_h, g.padded_out_w),
+            accumulate_pixels,
+            name="conv2d_int8",
+            attrs={CONV_INT8_MARK: 1},
+        )
+    else:
+        acc = te.compute(
+            (g.batch, out_blocks, g.out_h, g.padded_out_w, lanes),
+            accumulate,
+            name="conv2d_int8",
+            attrs={CONV_INT8_MARK: 1},
+        )
 
     if conv.float_output or conv.activation:
         return _dequantize_epilogue(acc, bias, multiplier, float_bias, conv, g, lanes)
@@ -326,13 +399,20 @@ def _conv2d_int8_compute(
     upper = tirx.const(float(high - conv.output_zero_point), "float32")
 
     def requantize(n: Any, c: Any, h: Any, w: Any) -> Any:
-        total = acc[n, c // lanes, h, w, c % lanes] + bias[c]
+        total = _accumulated(acc, g, lanes, n, c, h, w) + bias[c]
         scaled = total.astype("float32") * multiplier[c]
         clamped = tirx.max(tirx.min(scaled, upper), lower)
         rounded = tirx.nearbyint(clamped).astype("int32") + conv.output_zero_point
         return rounded.astype(conv.output_dtype)
 
     return te.compute((g.batch, g.out_channels, g.out_h, g.out_w), requantize, name="requantize")
+
+
+def _accumulated(acc: te.Tensor, g: _Geometry, lanes: int, n: Any, c: Any, h: Any, w: Any) -> Any:
+    """The int32 sum of output ``(n, c, h, w)`` in either accumulator layout."""
+    if g.layout == PIXELS:
+        return acc[n, c, h, w]
+    return acc[n, c // lanes, h, w, c % lanes]
 
 
 def _dequantize_epilogue(
@@ -354,7 +434,7 @@ def _dequantize_epilogue(
     if conv.activation is None:
 
         def dequantize(n: Any, c: Any, h: Any, w: Any) -> Any:
-            total = acc[n, c // lanes, h, w, c % lanes] + bias[c]
+            total = _accumulated(acc, g, lanes, n, c, h, w) + bias[c]
             scaled = total.astype("float32") * multiplier[c]
             return scaled if float_bias is None else scaled + float_bias[c]
 
@@ -367,7 +447,17 @@ def _dequantize_epilogue(
         scaled = (acc[n, ob, h, w, lane] + bias[c]).astype("float32") * multiplier[c]
         return scaled if float_bias is None else scaled + float_bias[c]
 
-    value = te.compute(acc.shape, dequantize_blocked, name="dequantize")
+    def dequantize_pixels(n: Any, c: Any, h: Any, w: Any) -> Any:
+        scaled = (acc[n, c, h, w] + bias[c]).astype("float32") * multiplier[c]
+        return scaled if float_bias is None else scaled + float_bias[c]
+
+    pixels = g.layout == PIXELS
+    if pixels:
+        # The accumulator is already NCHW (padded): the activation runs over pixel vectors
+        # and writes the output directly.
+        value = te.compute(shape, dequantize_pixels, name="dequantize")
+    else:
+        value = te.compute(acc.shape, dequantize_blocked, name="dequantize")
     gate = fast_sigmoid(value)
     silu = conv.activation == "silu"
 
@@ -392,6 +482,8 @@ def _dequantize_epilogue(
             rounded = tirx.nearbyint(clamped).astype("int32") + conv.output_zero_point
             return rounded.astype(out_dtype)
 
+    if pixels:
+        return te.compute(shape, activate, name="requantize")
     activated = te.compute(acc.shape, activate, name="activate")
     return te.compute(
         shape,
@@ -410,7 +502,8 @@ def _register_dot_intrinsic(lanes: int) -> str:
     TVM ships a 16×4 VNNI intrinsic in ``tvm.s_tir.tensor_intrin.x86``, but importing that package
     parses every GPU intrinsic (~30-60 s here) and its ``vpdpbusd`` call uses the pre-LLVM-20
     signature (``<16 x i32>`` operands; LLVM 22 wants ``<64 x i8>``), so detc registers its own.
-    The accumulator is ``local``: the schedule keeps the tile in registers.
+    The accumulator buffer is in the default scope: a ``local`` one became a per-tile heap
+    allocation (see the module doc).
     """
     name, llvm_intrinsic = _INTRINSICS[lanes]
     word_bytes = lanes * REDUCE_BLOCK
@@ -419,7 +512,7 @@ def _register_dot_intrinsic(lanes: int) -> str:
     def description(
         a: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
         b: T.Buffer((lanes, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        c: T.Buffer((lanes,), "int32", offset_factor=1),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
@@ -434,18 +527,70 @@ def _register_dot_intrinsic(lanes: int) -> str:
     def implementation(
         a: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
         b: T.Buffer((lanes, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        c: T.Buffer((lanes,), "int32", offset_factor=1),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
             T.writes(c[0:lanes])
-            pixel = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
-            pixels = T.reinterpret(T.broadcast(pixel, lanes), dtype=f"int8x{word_bytes}")
+            # One expression, no named temporaries: TVM lowers each named value to a
+            # per-tile TVMBackendAllocWorkspace call (heap memory, not a register).
             c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_intrinsic),
                 c.vload([0], dtype=f"int32x{lanes}"),
-                pixels,
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), lanes),
+                    dtype=f"int8x{word_bytes}",
+                ),
                 b.vload([0, 0], dtype=f"int8x{word_bytes}"),
+                dtype=f"int32x{lanes}",
+            )
+
+    tvm.s_tir.TensorIntrin.register(name, description, implementation, override=True)
+    return name
+
+
+@functools.cache
+def _register_pixel_dot_intrinsic(lanes: int) -> str:
+    """Register the pixel layout's step (once per process): ``lanes`` packed pixels (4 input
+    channels each, one contiguous vector) times one output channel's 4 weight bytes
+    (broadcast), added into ``lanes`` int32 lanes: the same ``vpdpbusd`` with the roles of the
+    operands swapped (the pixels are the unsigned operand either way)."""
+    _, llvm_intrinsic = _INTRINSICS[lanes]
+    name = f"detc_dot_pixels_{lanes}x4_u8i8i32_vnni"
+    word_bytes = lanes * REDUCE_BLOCK
+
+    @T.prim_func(s_tir=True)
+    def description(
+        a: T.Buffer((lanes, 4), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        b: T.Buffer((4,), "int8", offset_factor=1),  # type: ignore[valid-type]
+        c: T.Buffer((lanes,), "int32", offset_factor=1),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:lanes, 0:4], b[0:4])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vi, vk], "int32") * T.cast(b[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def implementation(
+        a: T.Buffer((lanes, 4), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        b: T.Buffer((4,), "int8", offset_factor=1),  # type: ignore[valid-type]
+        c: T.Buffer((lanes,), "int32", offset_factor=1),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:lanes, 0:4], b[0:4])
+            T.writes(c[0:lanes])
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+                c.vload([0], dtype=f"int32x{lanes}"),
+                T.reinterpret(a.vload([0, 0], f"uint8x{word_bytes}"), dtype=f"int8x{word_bytes}"),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(b.vload([0], "int8x4"), dtype="int32"), lanes),
+                    dtype=f"int8x{word_bytes}",
+                ),
                 dtype=f"int32x{lanes}",
             )
 
@@ -491,13 +636,11 @@ def schedule_conv2d_int8_tile(
         # register are the vector.
         activate = sch.get_sblock("activate")
         sch.reverse_compute_at(activate, ow_outer, preserve_unit_loops=True)
-        sch.set_scope(activate, 0, "local")
         *_, act_ob, _, act_ow, act_lane = sch.get_loops(activate)
         sch.unroll(act_ob)
         sch.unroll(act_ow)
         sch.vectorize(act_lane)
     sch.reverse_compute_at(epilogue, ow_outer, preserve_unit_loops=True)
-    sch.set_scope(conv, 0, "local")
     for loop in (ob_inner, ow_inner):
         sch.unroll(loop)
     reduce_step(sch, conv, icb, oc, ic)
@@ -531,6 +674,49 @@ def _schedule_conv2d_int8(
             sch.decompose_reduction(conv, icb)
 
     return schedule_conv2d_int8_tile(func, geometry, isa.name, reduce_step)
+
+
+def _schedule_conv2d_int8_pixels(
+    func: tvm.tirx.PrimFunc, isa: Int8Isa, geometry: _Geometry
+) -> tvm.tirx.PrimFunc:
+    """The pixel layout (x86 with VNNI): a tile of ``oc_tile`` channels × ``ow_tile`` pixels
+    (``ow_tile / lanes`` vectors), parallel over every tile; the epilogue runs on each
+    finished tile and stores whole pixel vectors straight into NCHW (no transposition)."""
+    g = geometry
+    lanes = isa.lanes
+    sch = tvm.s_tir.Schedule(func)
+    conv = sch.get_sblock("conv2d_int8")
+    pack = sch.get_sblock("pack")
+    epilogue = sch.get_sblock("requantize")
+    stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    for name in stages:
+        if name not in ("pack", "conv2d_int8", "requantize"):
+            sch.compute_inline(sch.get_sblock(name))
+    sch.annotate(conv, "detc.ow_tile", g.ow_tile)
+    sch.annotate(conv, "detc.oc_tile", g.oc_tile)
+    sch.annotate(conv, "detc.isa", f"{isa.name}-pixels")
+
+    n, c, oh, ow, icb, kh, kw, ic = sch.get_loops(conv)
+    c_outer, c_inner = sch.split(c, [None, g.oc_tile])
+    ow_outer, ow_vector, ow_lane = sch.split(ow, [None, g.ow_tile // lanes, lanes])
+    sch.reorder(n, c_outer, oh, ow_outer, icb, kh, kw, c_inner, ow_vector, ow_lane, ic)
+    tile = sch.fuse(n, c_outer, oh, ow_outer)
+    sch.parallel(tile)
+    sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)
+    sch.unroll(c_inner)
+    sch.unroll(ow_vector)
+    init = sch.decompose_reduction(conv, icb)
+    init_lane = sch.get_loops(init)[-1]
+    sch.vectorize(init_lane)
+    sch.tensorize(ow_lane, _register_pixel_dot_intrinsic(lanes))
+    *_, epi_c, _, epi_w = sch.get_loops(epilogue)
+    epi_vector, epi_lane = sch.split(epi_w, [None, lanes])
+    sch.unroll(epi_c)
+    sch.unroll(epi_vector)
+    sch.vectorize(epi_lane)
+
+    schedule_pack(sch, pack, whole_blocks=g.in_channels % REDUCE_BLOCK == 0)
+    return sch.mod["main"]
 
 
 def schedule_pack(sch: tvm.s_tir.Schedule, pack: Any, whole_blocks: bool) -> None:
@@ -572,29 +758,75 @@ class Int8Kernel:
     out_shape: tuple[int, int, int, int]
     out_dtype: str
     isa: Int8Isa
+    #: the data and output shapes ``func`` takes when they differ from the graph's (a 1×1
+    #: convolution in the pixel layout runs on ``[N, C, 1, H·W]``: the caller reshapes, which
+    #: costs nothing); None when ``func`` takes the graph's shapes
+    func_data_shape: tuple[int, ...] | None = None
+    func_out_shape: tuple[int, ...] | None = None
+
+
+def default_tiles(data_shape: tuple[int, ...], conv: QuantizedConv2d, isa: Int8Isa) -> Tiles:
+    """The schedule an untuned build uses; a tuned build measures a grid per workload instead
+    (:mod:`detc.kernels._int8_tiles`). The rules are what that search chose for yolov5n's 35
+    int8 workloads on an AVX512-VNNI CPU (Emerald Rapids, 2 threads):
+
+    * 8-bit output and at least 128 channels, or no pixel tile fits: the channel layout, 4
+      channel blocks × 5 pixels where the blocks divide by 4 (a wide channel tile reads each
+      broadcast pixel for 64 channels), else 2 blocks × up to 3/4 of the registers;
+    * otherwise the pixel layout, 8 channels × 32 pixels where 32 divides the row (a 1×1
+      convolution's row is the whole image), else 3 × 80: its epilogue stores whole pixel
+      vectors to NCHW, the channel layout's transposes 16-channel vectors byte by byte, and on
+      the short reductions of 1×1 convolutions the epilogue is most of the time.
+    """
+    out_blocks = -(-conv.weight.shape[0] // isa.lanes)
+    channel_tiles: Tiles = {"layout": CHANNELS}
+    if out_blocks % 4 == 0:
+        channel_tiles = {"layout": CHANNELS, "oc_tile": 4, "ow_tile": 5}
+    if not pixel_layout_applies(conv, isa):
+        return channel_tiles
+    if conv.output_dtype != "float32" and conv.weight.shape[0] >= 128:
+        return channel_tiles
+    _, _, height, width = data_shape
+    if flattens_pixels(conv):
+        row = height * width
+    else:
+        reach = (conv.weight.shape[3] - 1) * conv.dilation[1]
+        row = width + conv.padding[1] + conv.padding[3] - reach
+    for oc_tile, vectors in ((8, 2), (3, 5)):
+        if row % (vectors * isa.lanes) == 0:
+            return {"layout": PIXELS, "oc_tile": oc_tile, "ow_tile": vectors * isa.lanes}
+    return channel_tiles
 
 
 def build_conv2d_int8(
     data_shape: tuple[int, ...],
     conv: QuantizedConv2d,
     target: tvm.target.Target,
-    tiles: dict[str, int] | None = None,
+    tiles: Tiles | None = None,
 ) -> Int8Kernel:
     """The scheduled function ``(data, *constants) -> output`` for ``target``.
 
     Marked ``tirx.is_scheduled`` (the tuner leaves it alone) and opaque to FuseOps (fusing
-    would merge its scheduled body into an unscheduled one). ``tiles`` fixes the register tile
-    (``oc_tile`` channel blocks × ``ow_tile`` pixels; by default 2 × up to 3/4 of the vector
-    registers); the tile is not searched: on 1×64×80×80 → 64 the choices within the register
-    budget measured within noise of each other (1.2-1.5 ms, one thread).
+    would merge its scheduled body into an unscheduled one). ``tiles`` picks the accumulator
+    layout and register tile (:data:`Tiles`; default :func:`default_tiles`). Every choice
+    computes the same integers and the same float operations per output: results are
+    identical bit for bit, only the speed differs.
     """
     isa = int8_isa(target)
-    geometry = _geometry(tuple(int(d) for d in data_shape), conv, isa, tiles)
-    packed_weight = pack_weight(conv.weight, isa.lanes)
-    bias = _pad_channels(conv.folded_bias(), isa.lanes)
-    multiplier = _pad_channels(conv.kernel_multiplier(), isa.lanes)
+    graph_shape = tuple(int(d) for d in data_shape)
+    chosen = dict(tiles) if tiles is not None else default_tiles(graph_shape, conv, isa)
+    pixels = chosen.get("layout") == PIXELS
+    func_shape = graph_shape
+    if pixels and flattens_pixels(conv):
+        batch, channels, height, width = graph_shape
+        func_shape = (batch, channels, 1, height * width)
+    geometry = _geometry(func_shape, conv, isa, chosen)
+    channel_multiple = geometry.oc_tile if pixels else isa.lanes
+    packed_weight = pack_weight(conv.weight, channel_multiple)
+    bias = _pad_channels(conv.folded_bias(), channel_multiple)
+    multiplier = _pad_channels(conv.kernel_multiplier(), channel_multiple)
     constants = [packed_weight, bias, multiplier]
-    data = te.placeholder(tuple(data_shape), conv.input_dtype, name="data")
+    data = te.placeholder(func_shape, conv.input_dtype, name="data")
     kernel = te.placeholder(packed_weight.shape, "int8", name="kernel")
     bias_t = te.placeholder(bias.shape, "int32", name="bias")
     multiplier_t = te.placeholder(multiplier.shape, "float32", name="multiplier")
@@ -603,26 +835,34 @@ def build_conv2d_int8(
     if conv.float_bias is not None:
         if not conv.float_output:
             raise ValueError("a float bias needs a float32 output (quantize it for 8-bit)")
-        constants.append(_pad_channels(conv.float_bias.astype(np.float32), isa.lanes))
+        constants.append(_pad_channels(conv.float_bias.astype(np.float32), channel_multiple))
         float_bias_t = te.placeholder(constants[-1].shape, "float32", name="float_bias")
         inputs.append(float_bias_t)
     out = _conv2d_int8_compute(
         data, kernel, bias_t, multiplier_t, float_bias_t, conv, geometry, isa.lanes
     )
     func = te.create_prim_func([*inputs, out])
-    func = _schedule_conv2d_int8(func, isa, geometry)
+    if pixels:
+        func = _schedule_conv2d_int8_pixels(func, isa, geometry)
+    else:
+        func = _schedule_conv2d_int8(func, isa, geometry)
     func = (
         func.without_attr("global_symbol")
         .with_attr("tirx.is_scheduled", True)
         .with_attr("op_pattern", OPAQUE_PATTERN)
     )
-    out_shape = (geometry.batch, geometry.out_channels, geometry.out_h, geometry.out_w)
+    func_out_shape = (geometry.batch, geometry.out_channels, geometry.out_h, geometry.out_w)
+    if func_shape == graph_shape:
+        return Int8Kernel(func, tuple(constants), func_out_shape, conv.output_dtype, isa)
+    batch, _, height, width = graph_shape
     return Int8Kernel(
         func=func,
         constants=tuple(constants),
-        out_shape=out_shape,
+        out_shape=(batch, geometry.out_channels, height, width),
         out_dtype=conv.output_dtype,
         isa=isa,
+        func_data_shape=func_shape,
+        func_out_shape=func_out_shape,
     )
 
 

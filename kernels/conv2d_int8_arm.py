@@ -25,7 +25,7 @@ Layouts (4 int32 lanes per NEON register)::
     data     [N, C, H, W]                 uint8 or int8
     packed   [N, C/4, H', W', 4]          int8: four input channels per 32-bit word, padded
     kernel   [OC/4, C/4, KH, KW, 4, 4]    int8  (:func:`~detc.kernels.conv2d_int8.pack_weight`)
-    acc      [N, OC/4, OH, OW', 4]        int32, a register tile (``local``)
+    acc      [N, OC/4, OH, OW', 4]        int32, a register tile
     output   [N, OC, OH, OW]              uint8, int8 or float32
 
 One step of the reduction is one 16-byte dot product: the four bytes of one pixel (broadcast)
@@ -101,12 +101,17 @@ def arm_int8_isa(target: tvm.target.Target) -> ArmInt8Isa:
 
 
 def build_conv2d_int8_for_target(
-    data_shape: tuple[int, ...], conv: QuantizedConv2d, target: tvm.target.Target
+    data_shape: tuple[int, ...],
+    conv: QuantizedConv2d,
+    target: tvm.target.Target,
+    tiles: dict[str, Any] | None = None,
 ) -> Int8Kernel:
-    """The int8 kernel of ``target``'s architecture: aarch64 here, x86 otherwise."""
+    """The int8 kernel of ``target``'s architecture: aarch64 here, x86 otherwise. ``tiles``
+    (x86 only: layout and register tile, see ``build_conv2d_int8``) is ignored on aarch64,
+    whose kernel has one schedule."""
     if is_aarch64(target):
         return build_conv2d_int8_arm(data_shape, conv, target)
-    return build_conv2d_int8(data_shape, conv, target)
+    return build_conv2d_int8(data_shape, conv, target, tiles)
 
 
 # ---- constants (numpy) -------------------------------------------------------------------------
@@ -268,7 +273,7 @@ def _register_dot_intrinsic(dotprod: bool) -> str:
     def description(
         a: T.Buffer((4,), "int8", offset_factor=1),  # type: ignore[valid-type]
         b: T.Buffer((4, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((4,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        c: T.Buffer((4,), "int32", offset_factor=1),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(c[0:4], a[0:4], b[0:4, 0:4])
@@ -283,17 +288,20 @@ def _register_dot_intrinsic(dotprod: bool) -> str:
     def sdot(
         a: T.Buffer((4,), "int8", offset_factor=1),  # type: ignore[valid-type]
         b: T.Buffer((4, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((4,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        c: T.Buffer((4,), "int32", offset_factor=1),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(c[0:4], a[0:4], b[0:4, 0:4])
             T.writes(c[0:4])
-            pixel = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
-            pixels = T.reinterpret(T.broadcast(pixel, 4), dtype="int8x16")
+            # No named temporaries: TVM would serve each from the heap at every tile (see
+            # detc.kernels.conv2d_int8).
             c[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(_SDOT),
                 c.vload([0], dtype="int32x4"),
-                pixels,
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(a.vload([0], "int8x4"), dtype="int32"), 4),
+                    dtype="int8x16",
+                ),
                 b.vload([0, 0], dtype="int8x16"),
                 dtype="int32x4",
             )
@@ -302,34 +310,43 @@ def _register_dot_intrinsic(dotprod: bool) -> str:
     def widening(
         a: T.Buffer((4,), "int8", offset_factor=1),  # type: ignore[valid-type]
         b: T.Buffer((4, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((4,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        c: T.Buffer((4,), "int32", offset_factor=1),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(c[0:4], a[0:4], b[0:4, 0:4])
             T.writes(c[0:4])
-            pixel = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
-            pixels = T.reinterpret(T.broadcast(pixel, 2), dtype="int8x8")
             # Products of channels 0-1 and 2-3 (int16, exact), summed pairwise into int32 twice.
-            low = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_SMULL),
-                pixels,
-                b.vload([0, 0], dtype="int8x8"),
-                dtype="int16x8",
-            )
-            high = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_SMULL),
-                pixels,
-                b.vload([2, 0], dtype="int8x8"),
-                dtype="int16x8",
-            )
-            pairs_low = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_SADDLP), low, dtype="int32x4"
-            )
-            pairs_high = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_SADDLP), high, dtype="int32x4"
-            )
+            # One expression, no named temporaries: TVM would serve each from the heap at every
+            # tile (see detc.kernels.conv2d_int8); LLVM merges the repeated pixel broadcast.
             c[T.ramp(T.int32(0), 1, 4)] = c.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_ADDP), pairs_low, pairs_high, dtype="int32x4"
+                T.llvm_lookup_intrinsic_id(_ADDP),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(_SADDLP),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(_SMULL),
+                        T.reinterpret(
+                            T.broadcast(T.reinterpret(a.vload([0], "int8x4"), dtype="int32"), 2),
+                            dtype="int8x8",
+                        ),
+                        b.vload([0, 0], dtype="int8x8"),
+                        dtype="int16x8",
+                    ),
+                    dtype="int32x4",
+                ),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(_SADDLP),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(_SMULL),
+                        T.reinterpret(
+                            T.broadcast(T.reinterpret(a.vload([0], "int8x4"), dtype="int32"), 2),
+                            dtype="int8x8",
+                        ),
+                        b.vload([2, 0], dtype="int8x8"),
+                        dtype="int16x8",
+                    ),
+                    dtype="int32x4",
+                ),
+                dtype="int32x4",
             )
 
     tvm.s_tir.TensorIntrin.register(name, description, sdot if dotprod else widening, override=True)

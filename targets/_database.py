@@ -40,6 +40,8 @@ from detc.compiler._errors import BadInputError
 
 WORKLOADS_FILE = "workloads.jsonl"
 RECORDS_FILE = "records.jsonl"
+#: the measured int8 kernel tiles (``detc.kernels._int8_tiles``): one JSON line per measurement
+INT8_TILES_FILE = "int8_tiles.jsonl"
 LOCK_FILE = ".lock"
 EXPORT_FORMAT = "detc-tuning-db"
 EXPORT_VERSION = 1
@@ -114,7 +116,7 @@ class TuningDatabase:
 
     # ---- locking ------------------------------------------------------------------------------
     def _locked(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
-        return _locked(self.directory, exclusive)
+        return locked(self.directory, exclusive)
 
     # ---- reading ------------------------------------------------------------------------------
     def reload(self) -> None:
@@ -199,9 +201,11 @@ class TuningDatabase:
         with self._locked(exclusive=True):
             if new_workload:
                 line = json.dumps({"workload": workload_hash, "json": workload_json})
-                _append(self.directory / WORKLOADS_FILE, line + "\n")
+                append_lines(self.directory / WORKLOADS_FILE, line + "\n")
             if stored:
-                _append(self.directory / RECORDS_FILE, "".join(s.as_line() + "\n" for s in stored))
+                append_lines(
+                    self.directory / RECORDS_FILE, "".join(s.as_line() + "\n" for s in stored)
+                )
         self._workload_json[workload_hash] = workload_json
         group = self._records.setdefault(workload_hash, [])
         group.extend(stored)
@@ -258,6 +262,7 @@ class TuningDatabase:
             "format_version": EXPORT_VERSION,
             "workloads": {h: self._workload_json[h] for h in sorted(chosen)},
             "records": [json.loads(s.as_line()) for s in records],
+            "int8_tiles": list(_read_jsonl(self.directory / INT8_TILES_FILE)),
         }
         text = json.dumps(document) + "\n"
         if str(path).endswith(".gz"):  # the workloads' IR is verbose: ~15x smaller compressed
@@ -286,6 +291,7 @@ def import_records(directory: Path, source: Path) -> int:
             if "workload" in e and "json" in e
         }
         entries = list(_read_jsonl(source / RECORDS_FILE))
+        tiles = list(_read_jsonl(source / INT8_TILES_FILE))
     else:
         try:
             payload = source.read_bytes()
@@ -302,8 +308,9 @@ def import_records(directory: Path, source: Path) -> int:
             )
         workloads = {str(k): v for k, v in document.get("workloads", {}).items()}
         entries = [e for e in document.get("records", []) if isinstance(e, dict)]
+        tiles = [e for e in document.get("int8_tiles", []) if isinstance(e, dict)]
     directory.mkdir(parents=True, exist_ok=True)
-    with _locked(directory, exclusive=True):
+    with locked(directory, exclusive=True):
         existing = {
             stored.as_line()
             for stored in map(_stored, _read_jsonl(directory / RECORDS_FILE))
@@ -317,17 +324,27 @@ def import_records(directory: Path, source: Path) -> int:
         known = {str(e.get("workload")) for e in _read_jsonl(directory / WORKLOADS_FILE)}
         fresh = sorted({s.workload for s in added} - known)
         if fresh:
-            _append(
+            append_lines(
                 directory / WORKLOADS_FILE,
                 "".join(json.dumps({"workload": h, "json": workloads[h]}) + "\n" for h in fresh),
             )
         if added:
-            _append(directory / RECORDS_FILE, "".join(s.as_line() + "\n" for s in added))
+            append_lines(directory / RECORDS_FILE, "".join(s.as_line() + "\n" for s in added))
+        _merge_lines(directory / INT8_TILES_FILE, tiles)
     return len(added)
 
 
+def _merge_lines(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Append the JSON ``entries`` that ``path`` does not hold yet (the caller holds the lock)."""
+    canonical = lambda entry: json.dumps(entry, sort_keys=True, separators=(",", ":"))  # noqa: E731
+    present = {canonical(e) for e in _read_jsonl(path)}
+    fresh = [canonical(e) for e in entries if canonical(e) not in present]
+    if fresh:
+        append_lines(path, "".join(line + "\n" for line in dict.fromkeys(fresh)))
+
+
 @contextlib.contextmanager
-def _locked(directory: Path, exclusive: bool) -> Iterator[None]:
+def locked(directory: Path, exclusive: bool) -> Iterator[None]:
     """flock(2) on the database's lock file: exclusive to write, shared to read."""
     with (directory / LOCK_FILE).open("a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -358,7 +375,7 @@ def _distinct(group: list[StoredRecord]) -> list[StoredRecord]:
     return unique
 
 
-def _append(path: Path, text: str) -> None:
+def append_lines(path: Path, text: str) -> None:
     """One ``write`` (so concurrent readers see whole lines), then fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +59,9 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax import expr_functor
 
+from detc.kernels._int8_tiles import TileChooser, tile_chooser
 from detc.kernels.conv2d_int8 import QuantizedConv2d
-from detc.kernels.conv2d_int8_arm import build_conv2d_int8_for_target
+from detc.kernels.conv2d_int8_arm import build_conv2d_int8_for_target, is_aarch64
 
 logger = logging.getLogger("detc.targets")
 
@@ -568,9 +570,12 @@ def _plan(
 
 @expr_functor.mutator
 class _LowerQdqConv2d(expr_functor.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, target: tvm.target.Target, tiles: TileChooser | None
+    ) -> None:
         super().__init__(mod)
         self.target = target
+        self.tiles = tiles
         self.plan: dict[relax.Call, QdqConv2d] = {}
         self.lowered = 0
 
@@ -579,12 +584,25 @@ class _LowerQdqConv2d(expr_functor.PyExprMutator):
         if matched is None:
             return super().visit_call_(call)
         data = self.visit_expr(matched.data)
-        kernel = build_conv2d_int8_for_target(_shape(data) or (), matched.conv, self.target)
+        data_shape = _shape(data) or ()
+        tiles = None
+        if self.tiles is not None and not is_aarch64(self.target):
+            tiles = self.tiles(data_shape, matched.conv, self.target)
+        kernel = build_conv2d_int8_for_target(data_shape, matched.conv, self.target, tiles)
         gvar = self.builder_.add_func(kernel.func, "conv2d_int8")
         constants = [relax.const(c) for c in kernel.constants]
-        out_type = relax.TensorType(kernel.out_shape, kernel.out_dtype)
         self.lowered += 1
-        result: relax.Expr = relax.call_tir(gvar, [data, *constants], out_type)
+        if kernel.func_data_shape is not None and kernel.func_out_shape is not None:
+            # The kernel runs a 1x1 convolution on the image as one row. memory.view, not
+            # reshape: a reshape would fuse into the float operators around the kernel and
+            # turn them into new workloads the tuning database has never seen.
+            flat = self.builder_.emit(relax.op.memory.view(data, kernel.func_data_shape))
+            flat_type = relax.TensorType(kernel.func_out_shape, kernel.out_dtype)
+            flat_out = self.builder_.emit(relax.call_tir(gvar, [flat, *constants], flat_type))
+            result: relax.Expr = relax.op.memory.view(flat_out, kernel.out_shape)
+        else:
+            out_type = relax.TensorType(kernel.out_shape, kernel.out_dtype)
+            result = relax.call_tir(gvar, [data, *constants], out_type)
         for layout_call in matched.then:
             moved = self.builder_.emit(result)
             result = relax.Call(layout_call.op, [moved, *layout_call.args[1:]], layout_call.attrs)
@@ -596,6 +614,7 @@ def lower_qdq_conv2d_to_int8(
     *,
     allow_approximate: bool = False,
     float_outputs: bool = False,
+    tiles: TileChooser | None = None,
 ) -> tvm.transform.Pass:
     """The pass: every lowerable QDQ convolution → one int8 kernel call (see the module doc).
 
@@ -607,13 +626,15 @@ def lower_qdq_conv2d_to_int8(
     ``float_outputs`` also lowers dequantized convolutions whose float result is not quantized
     (detc's ``quantize`` pass leaves conv outputs float by default): int8 products, the exact
     int32 sum, dequantized by the kernel; onnxruntime computes those in float, so results
-    differ by float rounding (~1e-7 relative).
+    differ by float rounding (~1e-7 relative). ``tiles`` picks each x86 kernel's schedule
+    (:func:`detc.kernels._int8_tiles.tile_chooser`: measured and remembered per workload);
+    None, or a chooser answering None, means the kernel's default.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="LowerQdqConv2dToInt8")
     def run(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         chosen = target if target is not None else tvm.target.Target.current(allow_none=False)
-        mutator = _LowerQdqConv2d(mod, chosen)
+        mutator = _LowerQdqConv2d(mod, chosen, tiles)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mutator.plan, _ = _plan(_Graph(func), allow_approximate, float_outputs)
@@ -669,3 +690,16 @@ def bind_quantization_params(
         return mod, list(params)
     remaining = [array for var, array in zip(weights, params, strict=True) if var not in to_bind]
     return relax.transform.BindParams("main", to_bind)(mod), remaining
+
+
+def int8_tile_chooser(tuning: Any) -> TileChooser | None:
+    """The schedule choice of a build with tuning options ``tuning`` (a ``TuningOptions``, or
+    None for an untuned build: every kernel takes its default). The measured tiles live in the
+    tuning database directory (``int8_tiles.jsonl``); ``tuning.tune`` measures the workloads
+    the file lacks, without it the file is only read."""
+    if tuning is None:
+        return None
+    from detc.targets._database import default_database_dir
+
+    directory = tuning.database if tuning.database is not None else default_database_dir()
+    return tile_chooser(Path(directory), search=bool(tuning.tune))

@@ -140,7 +140,7 @@ class X86Target(Target):
         from detc.targets._layout import blocked_layout_passes
 
         block = self.channel_block()
-        passes = [_int8_lowering(), *blocked_layout_passes(block)]
+        passes = [_int8_lowering(ctx.tuning), *blocked_layout_passes(block)]
         with ctx.tvm_target:
             ctx.mod = tvm.transform.Sequential(passes)(ctx.mod)
         return f"{count_tir_functions(ctx.mod)} TIR functions, NCHW{block}c"
@@ -165,12 +165,16 @@ def _llvm_knows_x86_cpu(mcpu: str) -> bool:
     return mcpu in {str(name) for name in archlist}
 
 
-def _int8_lowering() -> Any:
+def _int8_lowering(tuning: Any = None) -> Any:
     """The QDQ → int8 kernel lowering as a build applies it: conv outputs left in float by the
     quantize pass are lowered too (exact integer sums, dequantized), and so are chains
     onnxruntime runs in float (a SiLU or ReLU before the quantize, a float bias) — the integer
     path differs from onnxruntime's float evaluation there by at most 1 in a few 8-bit values,
-    which is the price of running a quantized model as integers at all."""
-    from detc.targets._int8 import lower_qdq_conv2d_to_int8
+    which is the price of running a quantized model as integers at all. With ``tuning``
+    options each kernel's schedule comes from the tuning database's measured tiles (searched
+    now with ``--tune``)."""
+    from detc.targets._int8 import int8_tile_chooser, lower_qdq_conv2d_to_int8
 
-    return lower_qdq_conv2d_to_int8(allow_approximate=True, float_outputs=True)
+    return lower_qdq_conv2d_to_int8(
+        allow_approximate=True, float_outputs=True, tiles=int8_tile_chooser(tuning)
+    )

@@ -215,6 +215,10 @@ CASES: dict[str, dict[str, Any]] = {
         "in_channels": 3,
         "out_channels": 20,
     },
+    # With VNNI the default schedule is the pixel layout here: the 1x1 runs on the image as
+    # one row of 64 pixels (memory.view around the kernel), the 3x3 on rows of 32.
+    "1x1-pixel-layout": {"kernel": 1, "pads": (0, 0, 0, 0), "size": 8},
+    "3x3-pixel-layout": {"kernel": 3, "pads": (1, 1, 1, 1), "size": 32},
 }
 
 

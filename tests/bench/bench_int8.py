@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32", type=Path, required=True, help="artifact of the float model")
     parser.add_argument("--qdq", type=Path, required=True, help="the QDQ ONNX model")
     parser.add_argument("--float", type=Path, default=None, help="the float ONNX model")
+    parser.add_argument(
+        "--int8-before",
+        type=Path,
+        default=None,
+        help="another int8 artifact of the same model (e.g. built before a kernel change), "
+        "timed in the same rounds",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=30, help="rounds (each runs every one)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -47,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         "detc int8": load(args.int8, num_threads=args.threads).run,
         "detc fp32": load(args.fp32, num_threads=args.threads).run,
     }
+    if args.int8_before is not None:
+        contestants["detc int8 before"] = load(args.int8_before, num_threads=args.threads).run
     models = {"onnxruntime qdq": args.qdq, "onnxruntime fp32": args.float}
     for name, path in models.items():
         if path is not None:
@@ -70,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         "median_ms": {name: round(ms, 2) for name, ms in median.items()},
         "int8_over_fp32": round(median["detc int8"] / median["detc fp32"], 3),
         "int8_over_onnxruntime_qdq": round(median["detc int8"] / median["onnxruntime qdq"], 3),
+        "int8_before_over_fp32": (
+            round(median["detc int8 before"] / median["detc fp32"], 3)
+            if "detc int8 before" in median
+            else None
+        ),
         "threads": args.threads,
         "runs": args.runs,
     }
@@ -81,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"detc int8 / detc fp32        {result['int8_over_fp32']:.3f}  (goal <= 0.6)\n"
         f"detc int8 / onnxruntime qdq  {result['int8_over_onnxruntime_qdq']:.3f}  (goal <= 1.0)\n"
-        f"{args.threads} threads, {args.runs} rounds, order rotating each round"
+        + (
+            f"detc int8 before / detc fp32 {result['int8_before_over_fp32']:.3f}\n"
+            if result["int8_before_over_fp32"] is not None
+            else ""
+        )
+        + f"{args.threads} threads, {args.runs} rounds, order rotating each round"
     )
     return 0
 

@@ -1,0 +1,244 @@
+"""The int8 convolution's schedule knobs, measured per workload and remembered.
+
+:func:`~detc.kernels.conv2d_int8.build_conv2d_int8` takes ``tiles``: the accumulator layout
+(``channels``: a vector is 16 output channels of one pixel; ``pixels``: 16 neighbouring pixels of
+one channel, stride-1 convolutions only) and the register tile (``oc_tile`` × ``ow_tile``). Every
+choice computes the same numbers bit for bit; only the speed differs, and which one wins depends on
+the workload (a 1×1 convolution with a wide image wants pixels, a strided one can only have
+channels) and on the CPU. So a tuned build measures a small grid per workload
+(:func:`measure_tiles`) and records the winner in the tuning database directory, next to the
+MetaSchedule records (``int8_tiles.jsonl``, one JSON object per line, keyed by workload and target;
+appended under the same ``flock`` discipline as :mod:`detc.targets._database`). An untuned build,
+or a workload the file lacks, gets :func:`~detc.kernels.conv2d_int8.default_tiles`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from detc.kernels.conv2d_int8 import (
+    CHANNELS,
+    PIXELS,
+    QuantizedConv2d,
+    Tiles,
+    _geometry,
+    build_conv2d_int8,
+    default_tiles,
+    flattens_pixels,
+    int8_isa,
+    pixel_layout_applies,
+)
+from detc.targets._database import INT8_TILES_FILE, append_lines, locked
+from detc.targets._database import target_key as database_target_key
+
+logger = logging.getLogger("detc.targets")
+
+#: (channel blocks, pixels) register tiles of the channel layout; 2 × 10 was the old default
+_CHANNEL_TILES = ((2, 10), (2, 7), (1, 15), (1, 20), (4, 5), (4, 6), (8, 3), (2, 12))
+#: (channels, pixel vectors) register tiles of the pixel layout, mostly at most 15
+#: accumulators (a tile under 1 KiB lives on the stack: TVM serves a larger one from the heap
+#: at every tile)
+_PIXEL_TILES = ((3, 5), (4, 2), (4, 3), (7, 2), (2, 7), (5, 3), (6, 2), (8, 2), (6, 3))
+#: measuring rounds per candidate (interleaved; the median counts)
+ROUNDS = 5
+#: seconds one timed sample should last
+SAMPLE_SECONDS = 0.01
+
+#: ``(data_shape, conv, target) -> tiles`` as the lowering asks for a schedule
+TileChooser = Callable[[tuple[int, ...], QuantizedConv2d, tvm.target.Target], Tiles | None]
+
+
+def workload_key(data_shape: tuple[int, ...], conv: QuantizedConv2d) -> str:
+    """What the kernel's speed depends on (shapes, strides, dtypes, epilogue), not the
+    weights' values: two convolutions with the same key share their measured tile."""
+    described = {
+        "data": list(data_shape),
+        "weight": list(conv.weight.shape),
+        "strides": list(conv.strides),
+        "padding": list(conv.padding),
+        "dilation": list(conv.dilation),
+        "input": conv.input_dtype,
+        "output": conv.output_dtype,
+        "relu": conv.relu,
+        "activation": conv.activation,
+        "bias": conv.bias is not None,
+        "float_bias": conv.float_bias is not None,
+    }
+    canonical = json.dumps(described, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """The CPU and code-generation options a measurement holds for."""
+    config = target.export()
+    wanted = ("kind", "mcpu", "mtriple", "mattr", "num-cores")
+    described = {k: config[k] for k in wanted if k in config}
+    return database_target_key(
+        {k: list(v) if isinstance(v, list | tuple) else v for k, v in described.items()}
+    )
+
+
+def candidate_tiles(
+    data_shape: tuple[int, ...], conv: QuantizedConv2d, target: tvm.target.Target
+) -> list[Tiles]:
+    """The grid one workload is measured on: the default first, then every valid tile of
+    :data:`_CHANNEL_TILES` and (stride-1 width) :data:`_PIXEL_TILES`."""
+    isa = int8_isa(target)
+    grid: list[Tiles] = [default_tiles(data_shape, conv, isa)]
+    grid += [{"layout": CHANNELS, "oc_tile": c, "ow_tile": w} for c, w in _CHANNEL_TILES]
+    if pixel_layout_applies(conv, isa):
+        grid += [
+            {"layout": PIXELS, "oc_tile": c, "ow_tile": v * isa.lanes} for c, v in _PIXEL_TILES
+        ]
+    valid: list[Tiles] = []
+    for tiles in grid:
+        shape = data_shape
+        if tiles.get("layout") == PIXELS and flattens_pixels(conv):
+            shape = (data_shape[0], data_shape[1], 1, data_shape[2] * data_shape[3])
+        try:
+            _geometry(shape, conv, isa, tiles)
+        except ValueError:
+            continue
+        if tiles not in valid:
+            valid.append(tiles)
+    return valid
+
+
+def measure_tiles(
+    data_shape: tuple[int, ...],
+    conv: QuantizedConv2d,
+    target: tvm.target.Target,
+    candidates: list[Tiles],
+    rounds: int = ROUNDS,
+) -> list[tuple[Tiles, float]]:
+    """Median seconds of each candidate on this machine (random data; rounds interleaved so
+    that a drift of the machine's speed hits every candidate alike), fastest first."""
+    device = tvm.cpu()
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, data_shape).astype(conv.input_dtype)
+    timers = []
+    for tiles in candidates:
+        kernel = build_conv2d_int8(data_shape, conv, target, tiles)
+        module = tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")})
+        executable = tvm.compile(module, target=target)
+        runtime_module = getattr(executable, "mod", executable)
+        shaped = data.reshape(kernel.func_data_shape or data_shape)
+        arrays = [tvm.runtime.tensor(shaped, device)]
+        arrays += [tvm.runtime.tensor(c, device) for c in kernel.constants]
+        out_shape = kernel.func_out_shape or kernel.out_shape
+        arrays.append(tvm.runtime.tensor(np.zeros(out_shape, kernel.out_dtype), device))
+        once = runtime_module.time_evaluator("main", device, number=1, repeat=1)(*arrays).mean
+        number = max(1, int(SAMPLE_SECONDS / max(once, 1e-7)))
+        timer = runtime_module.time_evaluator("main", device, number=number, repeat=1)
+        timers.append((timer, arrays))
+    samples: list[list[float]] = [[] for _ in candidates]
+    for _ in range(rounds):
+        for (timer, arrays), times in zip(timers, samples, strict=True):
+            times.append(float(timer(*arrays).mean))
+    measured = [(t, statistics.median(s)) for t, s in zip(candidates, samples, strict=True)]
+    return sorted(measured, key=lambda pair: pair[1])
+
+
+class TileDatabase:
+    """``int8_tiles.jsonl`` of one tuning database directory, seen for one target."""
+
+    def __init__(self, directory: Path, target: tvm.target.Target) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.target = target_key(target)
+        self.best: dict[str, tuple[Tiles, float]] = {}
+        self.reload()
+
+    @property
+    def path(self) -> Path:
+        return self.directory / INT8_TILES_FILE
+
+    def reload(self) -> None:
+        self.best = {}
+        with locked(self.directory, exclusive=False):
+            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if not isinstance(entry, dict) or entry.get("target") != self.target:
+                continue
+            key, tiles, seconds = entry.get("workload"), entry.get("tiles"), entry.get("run_s")
+            if not isinstance(key, str) or not isinstance(tiles, dict):
+                continue
+            if not isinstance(seconds, int | float):
+                continue
+            if key not in self.best or seconds < self.best[key][1]:
+                self.best[key] = (tiles, float(seconds))
+
+    def lookup(self, workload: str) -> Tiles | None:
+        found = self.best.get(workload)
+        return None if found is None else dict(found[0])
+
+    def add(self, workload: str, tiles: Tiles, seconds: float, candidates: int) -> None:
+        entry = {
+            "workload": workload,
+            "target": self.target,
+            "tiles": tiles,
+            "run_s": seconds,
+            "candidates": candidates,
+        }
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
+        with locked(self.directory, exclusive=True):
+            append_lines(self.path, line)
+        if workload not in self.best or seconds < self.best[workload][1]:
+            self.best[workload] = (dict(tiles), seconds)
+
+
+def tile_chooser(directory: Path, search: bool) -> TileChooser:
+    """The lowering's schedule choice: the database's winner for the workload; when it has
+    none, measured now and recorded (``search``) or the default (None: the kernel's own)."""
+    databases: dict[str, TileDatabase] = {}
+
+    def choose(
+        data_shape: tuple[int, ...], conv: QuantizedConv2d, target: tvm.target.Target
+    ) -> Tiles | None:
+        key = target_key(target)
+        if key not in databases:
+            databases[key] = TileDatabase(directory, target)
+        database = databases[key]
+        workload = workload_key(data_shape, conv)
+        known = database.lookup(workload)
+        if known is not None or not search:
+            return known
+        candidates = candidate_tiles(data_shape, conv, target)
+        if len(candidates) < 2:
+            return None
+        measured = measure_tiles(data_shape, conv, target, candidates)
+        best, seconds = measured[0]
+        database.add(workload, best, seconds, len(candidates))
+        default_seconds = next(s for t, s in measured if t == candidates[0])
+        logger.info(
+            "int8 tiles %s: %s %.3f ms (default %.3f ms, %d candidates)",
+            describe(data_shape, conv),
+            best,
+            seconds * 1e3,
+            default_seconds * 1e3,
+            len(candidates),
+        )
+        return best
+
+    return choose
+
+
+def describe(data_shape: tuple[int, ...], conv: QuantizedConv2d) -> str:
+    """``16x160x160->16 k1 s1`` (logs and benchmarks)."""
+    out_channels, in_channels, kernel_h, _ = conv.weight.shape
+    return (
+        f"{in_channels}x{data_shape[2]}x{data_shape[3]}->{out_channels} "
+        f"k{kernel_h} s{conv.strides[0]}"
+    )
