@@ -193,7 +193,19 @@ def schedule_conv2d_nchwc(
     producers = blocks[:position]
     consumers = blocks[position + 1 :]
 
-    # Epilogue: everything after the convolution collapses into its last block.
+    # Epilogue: everything after the convolution collapses into its last block. What only the
+    # epilogue reads (a dequantized residual of an int8 graph) is inlined into it first: the
+    # epilogue moves under the convolution's tile loop, and its producers must come along.
+    conv_reads = {sch.get(b).name_hint for b in sch.get_producers(conv)}
+    side_inputs = [
+        b
+        for b in producers
+        if sch.get(b).name_hint not in conv_reads
+        and not sch.get(b).name_hint.startswith("pad_temp")
+    ]
+    producers = [b for b in producers if b not in side_inputs]
+    for block in side_inputs:
+        sch.compute_inline(block)
     for block in consumers[:-1]:
         sch.compute_inline(block)
     epilogue = consumers[-1] if consumers else None
