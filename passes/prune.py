@@ -64,6 +64,7 @@ from detc.passes._channel_groups import (
     analyze_channels,
     remove_units,
 )
+from detc.passes._distill import DistillResult, DistillSettings, distill
 from detc.passes._graph_facts import constant_array, set_constant_input
 from detc.passes._reconstruct import (
     DEFAULT_RIDGE,
@@ -165,6 +166,24 @@ class PruneOptions:
         "sequential: also refit every uncut Conv downstream of a cut (to absorb the drift); "
         "with a few dozen calibration images this fits their noise more than it helps",
     )
+    distill_steps: int = _option(
+        0,
+        "after the refit, train every Conv this many Adam steps so that the pruned model's Conv "
+        "outputs match the original's on augmented calibration images (label-free "
+        "distillation; needs calib and torch: pip install 'detc[torch]'); 0: off",
+    )
+    distill_size: int = _option(
+        320,
+        "side of the square training crops of distillation (a multiple of the model's largest "
+        "stride: 32 for YOLO); smaller is faster, Convs do not depend on the image size",
+    )
+    distill_batch: int = _option(4, "training inputs per distillation step")
+    distill_lr: float = _option(1e-4, "Adam learning rate of distillation (cosine-decayed)")
+    distill_features: bool = _option(
+        True,
+        "distillation matches every Conv output the pruned model shares with the original "
+        "(else only the detection heads)",
+    )
     seed: int = _option(0, "seed of every random draw (calibration images, sampled pixels)")
 
     def __post_init__(self) -> None:
@@ -192,6 +211,12 @@ class PruneOptions:
             raise ValueError(f"multiple={self.multiple} must be at least 1")
         if not 0.0 < self.max_ratio < 1.0:
             raise ValueError(f"max_ratio={self.max_ratio} must be in (0, 1)")
+        if self.distill_steps < 0 or self.distill_batch < 1 or self.distill_size < 1:
+            raise ValueError("distill_steps must not be negative, distill_batch/size positive")
+        if not self.distill_lr > 0.0:
+            raise ValueError(f"distill_lr={self.distill_lr} must be positive")
+        if self.distill_steps > 0 and self.calib is None:
+            raise ValueError("distill_steps needs calib=DIR (calibration images)")
         if self.calib_images < 1 or self.samples < 1 or self.probe_images < 1:
             raise ValueError("calib_images, samples and probe_images must be at least 1")
 
@@ -238,6 +263,7 @@ class PruneReport:
     probes: list[ProbeCut] = field(default_factory=list)
     recovery: str = "none"  # least squares, mean shift or none
     probe_images: int = 0
+    distill: DistillResult | None = None
 
     @property
     def mac_reduction(self) -> float:
@@ -260,6 +286,7 @@ class PruneReport:
             "output_error_after": self.output_error_after,
             "groups": [vars(g) for g in self.groups],
             "fits": [f.to_dict() for f in self.fits],
+            "distill": None if self.distill is None else vars(self.distill),
             "seconds": round(self.seconds, 2),
         }
 
@@ -294,6 +321,14 @@ class PruneReport:
                     f"  {fit.name[:48]:<48} {fit.error_before:9.4f} -> {fit.error_after:9.4f}"
                     f"  {fit.ridge:g}"
                 )
+        if self.distill is not None:
+            d = self.distill
+            outcome = "" if d.kept else " (worse on the check images: refit weights kept)"
+            lines.append(
+                f"distillation: {d.steps} steps in {d.seconds:.0f} s, {d.targets} Conv outputs "
+                f"matched ({d.heads} heads), loss {d.loss_before:.4f} -> {d.loss_after:.4f}"
+                f"{outcome}"
+            )
         if self.output_error_before is not None:
             after = f"{self.output_error_after:.5f}" if self.output_error_after is not None else "-"
             lines.append(
@@ -395,15 +430,28 @@ class PrunePass(DetcPass):
 
         report.macs_after = cost.macs(removed)
         remove_units(model.graph, cg, removed)
-        if stats is not None and original is not None and (opts.recover or opts.mean_shift):
+        distills = opts.distill_steps > 0
+        if (
+            stats is not None
+            and original is not None
+            and (opts.recover or opts.mean_shift or distills)
+        ):
             few = feeds[:_OUTPUT_ERROR_IMAGES]
             report.output_error_before = _output_error(original, model, few)
             if opts.recover:
                 report.recovery = "least squares" + (", sequential" if opts.sequential else "")
                 report.fits = _recover(model, cg, removed, stats, feeds, opts)
-            else:
+            elif opts.mean_shift:
                 report.recovery = "mean shift"
                 _shift_means(model, cg, removed, stats)
+            if distills:
+                # the refit is the starting point: it is already close, training only polishes
+                report.recovery = (
+                    "distillation"
+                    if report.recovery == "none"
+                    else (report.recovery + " + distillation")
+                )
+                report.distill = _distill(model, original, feeds, opts)
             report.output_error_after = _output_error(original, model, few)
         report.seconds = time.perf_counter() - started
         logger.info("%s", report.table())
@@ -1331,6 +1379,26 @@ def _apply_fit(
     set_constant_input(graph, node, 1, new_weight.astype(weight.dtype), f"{label}_weight_refit")
     set_constant_input(graph, node, 2, theta[-1].astype(weight.dtype), f"{label}_bias_refit")
     return LayerFit(label, float(before), float(after), chosen)
+
+
+def _distill(
+    model: ir.Model,
+    original: onnx.ModelProto,
+    feeds: Sequence[dict[str, np.ndarray]],
+    opts: PruneOptions,
+) -> DistillResult:
+    """Train the pruned model against the original on the calibration images (in place)."""
+    name = next(iter(feeds[0]))
+    settings = DistillSettings(
+        steps=opts.distill_steps,
+        size=opts.distill_size,
+        batch=opts.distill_batch,
+        lr=opts.distill_lr,
+        features=opts.distill_features,
+        seed=opts.seed,
+    )
+    teacher = ir.serde.deserialize_model(original)
+    return distill(model, teacher, [feed[name] for feed in feeds], settings, name)
 
 
 def _output_error(

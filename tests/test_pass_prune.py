@@ -205,6 +205,29 @@ def test_recovery_reduces_error_and_is_reproducible(
         np.testing.assert_array_equal(weight, weights_second[name], err_msg=name)
 
 
+def test_distillation_after_the_refit_brings_outputs_closer(
+    rng: np.random.Generator, calib_dir: Path
+) -> None:
+    pytest.importorskip("torch")
+    template = ir.serde.serialize_model(detector(rng))
+    options = dict(ratio=0.4, multiple=2, calib=calib_dir, calib_images=6)
+    refit_only = _prune(ir.serde.deserialize_model(template), **options).report
+    distilled = _prune(
+        ir.serde.deserialize_model(template),
+        **options,
+        distill_steps=30,
+        distill_size=16,
+        distill_batch=2,
+        distill_lr=3e-3,
+    ).report
+    assert refit_only is not None and distilled is not None and distilled.distill is not None
+    assert distilled.recovery == "least squares, sequential + distillation"
+    assert distilled.distill.kept and distilled.distill.loss_after < distilled.distill.loss_before
+    assert refit_only.output_error_after is not None and distilled.output_error_after is not None
+    assert distilled.output_error_after < refit_only.output_error_after
+    assert "distillation: 30 steps" in distilled.table()
+
+
 def test_without_recovery_the_weights_are_only_sliced(
     rng: np.random.Generator, calib_dir: Path
 ) -> None:
@@ -240,6 +263,7 @@ def test_without_recovery_the_weights_are_only_sliced(
         ([("importance", "data")], "importance=data needs calib=DIR"),
         ([("ratio", "1.5")], "ratio=1.5 must be in [0, 1)"),
         ([("ridge", "-1")], "ridge=-1.0 must not be negative"),
+        ([("distill_steps", "5")], "distill_steps needs calib=DIR"),
     ],
 )
 def test_options_are_checked(text: list[tuple[str, str]], message: str) -> None:
