@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,9 +201,11 @@ class TileDatabase:
             self.best[workload] = (dict(tiles), seconds)
 
 
-def tile_chooser(directory: Path, search: bool) -> TileChooser:
+def tile_chooser(directory: Path, search: bool, deadline: float = math.inf) -> TileChooser:
     """The lowering's schedule choice: the database's winner for the workload; when it has
-    none, measured now and recorded (``search``) or the default (None: the kernel's own)."""
+    none, measured now and recorded (``search``, until ``time.monotonic()`` passes
+    ``deadline``: later workloads take the default and are left for the next search) or the
+    default (None: the kernel's own)."""
     databases: dict[str, TileDatabase] = {}
 
     def choose(
@@ -215,6 +219,9 @@ def tile_chooser(directory: Path, search: bool) -> TileChooser:
         known = database.lookup(workload)
         if known is not None or not search:
             return known
+        if time.monotonic() >= deadline:
+            logger.info("int8 tiles %s: budget spent, default tile", describe(data_shape, conv))
+            return None
         candidates = candidate_tiles(data_shape, conv, target)
         if len(candidates) < 2:
             return None

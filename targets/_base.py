@@ -99,6 +99,8 @@ class BuildContext:
     params: list[np.ndarray] = field(default_factory=list)  # main's arguments after the inputs
     num_inputs: int = 0
     executable: Any = None  # relax.Executable, from build on
+    #: seconds of the --tune-minutes budget spent searching before the tune phase (int8 tiles)
+    searched_seconds: float = 0.0
     #: manifest entries the phases own ("tuning", "precision", ...)
     manifest: dict[str, Any] = field(default_factory=dict)
     #: (phase name, seconds, summary) for every phase that ran

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,9 @@ _MULTIPLY = "relax.multiply"
 _LAYOUT_OPS = ("relax.reshape", "relax.permute_dims")
 _RESHAPE = "relax.reshape"
 _ACTIVATION_DTYPES = ("uint8", "int8")
+#: share of a --tune-minutes budget the int8 tile search may take (the float kernels' search
+#: gets what it leaves)
+INT8_TILE_BUDGET_SHARE = 0.5
 #: how far a quantized bias's scale may be from x_scale * w_scale (float32 rounding of the
 #: product, computed in float64 or float32 by the quantizer) and still be taken as is
 _BIAS_SCALE_RTOL = 1e-5
@@ -702,4 +707,7 @@ def int8_tile_chooser(tuning: Any) -> TileChooser | None:
     from detc.targets._database import default_database_dir
 
     directory = tuning.database if tuning.database is not None else default_database_dir()
-    return tile_chooser(Path(directory), search=bool(tuning.tune))
+    deadline = math.inf
+    if tuning.minutes is not None:
+        deadline = time.monotonic() + tuning.minutes * 60 * INT8_TILE_BUDGET_SHARE
+    return tile_chooser(Path(directory), search=bool(tuning.tune), deadline=deadline)

@@ -889,7 +889,14 @@ def tune_phase(target_obj: Any, ctx: Any) -> str:
     from detc.targets._database import TuningDatabase, default_database_dir
 
     options: TuningOptions = ctx.tuning
+    import dataclasses
     import json
+
+    if options.minutes is not None and ctx.searched_seconds:
+        # what the int8 tile search (legalize) left of the wall-clock budget; a floor of one
+        # second still measures every task once
+        left = max(options.minutes - ctx.searched_seconds / 60, 1 / 60)
+        options = dataclasses.replace(options, minutes=left)
 
     if options.tune and options.rpc_tracker is None:
         _check_measurable_here(target_obj, ctx.tvm_target)

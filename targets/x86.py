@@ -10,6 +10,7 @@ is one vector register of float32 (16 with AVX-512, 8 with AVX2), see _layout.py
 from __future__ import annotations
 
 import platform
+import time
 from typing import Any
 
 from detc.compiler._errors import BadInputError, ToolchainMissingError
@@ -140,9 +141,16 @@ class X86Target(Target):
         from detc.targets._layout import blocked_layout_passes
 
         block = self.channel_block()
+        from detc.targets._int8 import has_quantized_ops
+
         passes = [_int8_lowering(ctx.tuning), *blocked_layout_passes(block)]
+        searching = ctx.tuning is not None and ctx.tuning.tune and has_quantized_ops(ctx.mod)
+        started = time.monotonic()
         with ctx.tvm_target:
             ctx.mod = tvm.transform.Sequential(passes)(ctx.mod)
+        if searching:
+            # the int8 tile search ran in there: it counts against --tune-minutes
+            ctx.searched_seconds += time.monotonic() - started
         return f"{count_tir_functions(ctx.mod)} TIR functions, NCHW{block}c"
 
     def check_toolchain(self) -> None:

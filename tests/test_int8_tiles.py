@@ -217,3 +217,21 @@ def test_chooser_measures_once_records_and_reuses(
     monkeypatch.setattr(tiles_module, "measure_tiles", no_measuring)
     assert tile_chooser(tmp_path, search=True)(shape, conv, target) == chosen
     assert tile_chooser(tmp_path, search=False)(shape, conv, target) == chosen
+
+
+def test_chooser_past_its_deadline_takes_the_default_and_records_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tune-minutes bounds the tile search: once its share is spent, a workload the database
+    lacks takes the kernel's default and stays unrecorded for the next search."""
+    import time
+
+    def no_measuring(*_: object, **__: object) -> None:
+        raise AssertionError("measured after the deadline")
+
+    monkeypatch.setattr(tiles_module, "measure_tiles", no_measuring)
+    conv = _conv(np.random.default_rng(4), 8, 16, 1)
+    target = tvm.target.Target(VNNI_TARGET)
+    choose = tile_chooser(tmp_path, search=True, deadline=time.monotonic() - 1.0)
+    assert choose((1, 8, 4, 32), conv, target) is None
+    assert not (tmp_path / TILES_FILE).exists()
