@@ -761,7 +761,7 @@ def tune_tasks(
                 outcome.stopped_by = "interrupted"
                 break
             left = budget - search.trials
-            if left <= 0:
+            if left <= 0 and not pending_first:
                 outcome.stopped_by = "trial budget"
                 break
             if time.monotonic() >= deadline:
@@ -772,7 +772,9 @@ def tune_tasks(
             )
             if task is None:
                 break
-            room = min(left, caps[task.key] - task.trials)
+            # Every task is measured at least once: the first round keeps one trial for each
+            # task still waiting for it, and a trial budget smaller than the tasks is exceeded.
+            room = min(max(left - len(pending_first), 1), caps[task.key] - task.trials)
             if not task.templated:
                 # Bandwidth-bound functions: every fixed variant once, then done (injective.py).
                 candidates, from_search = search.generic_candidates(task)[:room], False
