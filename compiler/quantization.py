@@ -25,22 +25,23 @@ from typing import Any, TypeAlias
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from detc.compiler._errors import BadInputError
 from detc.compiler._ort import ort_session, run_session
-from detc.passes._calibration import Feeds, calibration_feeds
+from detc.passes._calibration import Feeds
 from detc.passes.quantize import (
-    CalibratedModel,
-    QdqSettings,
+    Calibration,
+    CalibrationSource,
     QuantLayer,
-    calibrate_model,
 )
 
 #: an SQNR of an exact channel (no noise) counts as this in averages
 _CAP_DB = 200.0
 
-ModelSource: TypeAlias = CalibratedModel | ir.Model | onnx.ModelProto | str | os.PathLike[str]
+#: percentile calibration on 32 images of ``calib`` (which a caller must then give)
+DEFAULT_CALIBRATION = Calibration()
+
+ModelSource: TypeAlias = CalibrationSource
 
 
 def sqnr_db(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
@@ -240,67 +241,6 @@ class MapMeter:
         return report.reference.metrics.map
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """How :func:`layer_sensitivity` and :func:`mixed_precision` calibrate a float model (the
-    options of the ``quantize`` pass, which hands them a :class:`CalibratedModel` instead)."""
-
-    calib: str | os.PathLike[str] | None = None  # a folder of images or a COCO dataset
-    calib_images: int = 32
-    seed: int = 0
-    method: str = "percentile"
-    percentile: float = 99.999
-    bins: int = 2048
-    activations: str = "asymmetric"
-    per_channel: bool = True
-    quantize_outputs: bool = False
-    ops: Sequence[str] = ("Conv", "Gemm", "MatMul")
-    exclude: Sequence[str] = ()
-
-    def apply(
-        self, model: ModelSource, spec_path: str | os.PathLike[str] | None = None
-    ) -> CalibratedModel:
-        """``model`` calibrated (returned as is when it already is a :class:`CalibratedModel`);
-        ``spec_path``: the model spec that says how images are preprocessed."""
-        if isinstance(model, CalibratedModel):
-            return model
-        if isinstance(model, (str, os.PathLike)):
-            from detc.compiler.frontend import load_model
-
-            model = load_model(model).model
-        if self.calib is None:
-            raise BadInputError(
-                "int8 calibration needs images: give calib (a folder or COCO dataset)"
-            )
-        feeds = calibration_feeds(
-            model,
-            self.calib,
-            max_images=self.calib_images,
-            seed=self.seed,
-            spec_path=spec_path,
-        )
-        settings = QdqSettings(
-            self.per_channel, self.activations == "symmetric", self.quantize_outputs
-        )
-        calibrated = calibrate_model(
-            model,
-            feeds,
-            op_types=self.ops,
-            excluded=self.exclude,
-            method=self.method,
-            percentile=self.percentile,
-            bins=self.bins,
-            settings=settings,
-        )
-        if not calibrated.layers:
-            why = f": {calibrated.rejected[0][2]}" if calibrated.rejected else ""
-            raise BadInputError(
-                f"the model has no {'/'.join(self.ops)} layer to quantize "
-                f"({len(calibrated.rejected)} refused{why}); check ops= and exclude="
-            )
-        return calibrated
-
-
 def _outputs(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list[np.ndarray]:
     """Each graph output over all ``feeds``, stacked on a new leading axis."""
     session = ort_session(model, threads=threads)
@@ -311,7 +251,7 @@ def _outputs(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> li
 
 def layer_sensitivity(
     model: ModelSource,
-    calibration: Calibration = Calibration(),
+    calibration: Calibration = DEFAULT_CALIBRATION,
     data: str | os.PathLike[str] | None = None,
     decoder: str | None = None,
     *,
@@ -435,7 +375,7 @@ class MixedPrecisionResult:
 
 def mixed_precision(
     model: ModelSource,
-    calibration: Calibration = Calibration(),
+    calibration: Calibration = DEFAULT_CALIBRATION,
     *,
     data: str | os.PathLike[str],
     max_map_drop: float,

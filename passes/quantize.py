@@ -42,11 +42,12 @@ import contextlib
 import functools
 import io
 import logging
+import os
 import tempfile
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import onnx
@@ -587,6 +588,76 @@ def calibrate_model(
     return CalibratedModel(proto, ranges, layers, rejected, list(feeds), settings, method)
 
 
+#: what :meth:`Calibration.apply` takes: a path, a model, or one calibrated already
+CalibrationSource: TypeAlias = (
+    "CalibratedModel | ir.Model | onnx.ModelProto | str | os.PathLike[str]"
+)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a float model is calibrated: the ``quantize`` pass's options, and what
+    :func:`detc.compiler.quantization.layer_sensitivity` / ``mixed_precision`` take."""
+
+    calib: str | os.PathLike[str] | None = None  # a folder of images or a COCO dataset
+    calib_images: int = 32
+    seed: int = 0
+    method: str = "percentile"
+    percentile: float = 99.999
+    bins: int = 2048
+    activations: str = "asymmetric"
+    per_channel: bool = True
+    quantize_outputs: bool = False
+    ops: Sequence[str] = ("Conv", "Gemm", "MatMul")
+    exclude: Sequence[str] = ()
+
+    def apply(
+        self, model: CalibrationSource, spec_path: str | os.PathLike[str] | None = None
+    ) -> CalibratedModel:
+        """``model`` calibrated (returned as is when it already is a :class:`CalibratedModel`);
+        ``spec_path``: the model spec that says how images are preprocessed."""
+        if isinstance(model, CalibratedModel):
+            return model
+        float_model: ir.Model | onnx.ModelProto
+        if isinstance(model, (str, os.PathLike)):
+            from detc.compiler.frontend import load_model
+
+            float_model = load_model(model).model
+        else:
+            float_model = model
+        if self.calib is None:
+            raise BadInputError(
+                "int8 calibration needs images: give calib (a folder or COCO dataset)"
+            )
+        feeds = calibration_feeds(
+            float_model,
+            self.calib,
+            max_images=self.calib_images,
+            seed=self.seed,
+            spec_path=spec_path,
+        )
+        settings = QdqSettings(
+            self.per_channel, self.activations == "symmetric", self.quantize_outputs
+        )
+        calibrated = calibrate_model(
+            float_model,
+            feeds,
+            op_types=self.ops,
+            excluded=self.exclude,
+            method=self.method,
+            percentile=self.percentile,
+            bins=self.bins,
+            settings=settings,
+        )
+        if not calibrated.layers:
+            why = f": {calibrated.rejected[0][2]}" if calibrated.rejected else ""
+            raise BadInputError(
+                f"the model has no {'/'.join(self.ops)} layer to quantize "
+                f"({len(calibrated.rejected)} refused{why}); check ops= and exclude="
+            )
+        return calibrated
+
+
 def _check_opset(model: ir.Model, settings: QdqSettings) -> None:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if settings.per_channel and opset < _MIN_QDQ_OPSET:
@@ -1033,21 +1104,20 @@ class QuantizePass(DetcPass):
                 "pass 'quantize': int8 needs calibration images: give calib=DIR (a folder of "
                 "images or a COCO dataset), e.g. quantize{calib=data/coco}"
             )
-        feeds = calibration_feeds(
-            model, opts.calib, max_images=opts.calib_images, seed=opts.seed, spec_path=opts.spec
-        )
-        settings = QdqSettings(opts.per_channel, opts.symmetric_activations, opts.quantize_outputs)
-        calibrated = calibrate_model(
-            model,
-            feeds,
-            op_types=opts.op_types,
-            excluded=opts.excluded,
-            method=opts.method,
-            percentile=opts.percentile,
-            bins=opts.bins,
-            settings=settings,
-        )
-        report.method, report.calib_images = opts.method, len(feeds)
+        calibrated = Calibration(
+            opts.calib,
+            opts.calib_images,
+            opts.seed,
+            opts.method,
+            opts.percentile,
+            opts.bins,
+            opts.activations,
+            opts.per_channel,
+            opts.quantize_outputs,
+            opts.op_types,
+            tuple(opts.excluded),
+        ).apply(model, opts.spec)
+        report.method, report.calib_images = opts.method, len(calibrated.feeds)
         kept_reasons: dict[str, str] = {}
         if opts.max_map_drop is not None:
             proto = self._mixed_precision(calibrated, report, kept_reasons)
