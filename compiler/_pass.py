@@ -216,8 +216,9 @@ def parse_options(pass_cls: type[DetcPass], raw: Iterable[tuple[str, str]]) -> A
         raise BadInputError(f"pass '{pass_cls.name}': {exc}") from None
 
 
-def describe_options(pass_cls: type[DetcPass]) -> list[tuple[str, str, str]]:
-    """``(name, type, default)`` for each option, for ``detc passes``."""
+def describe_options(pass_cls: type[DetcPass]) -> list[tuple[str, str, str, str]]:
+    """``(name, type, default, help)`` for each option, for ``detc passes``; the help is the
+    field's ``metadata["help"]`` ("" without one)."""
     hints = typing.get_type_hints(pass_cls.Options)
     rows = []
     for f in dataclasses.fields(pass_cls.Options):
@@ -227,5 +228,6 @@ def describe_options(pass_cls: type[DetcPass]) -> list[tuple[str, str, str]]:
         elif f.default_factory is not dataclasses.MISSING:
             default = repr(f.default_factory())
         hint = hints[f.name]
-        rows.append((f.name, getattr(hint, "__name__", str(hint)).replace("typing.", ""), default))
+        name = getattr(hint, "__name__", str(hint)).replace("typing.", "")
+        rows.append((f.name, name, default, str(f.metadata.get("help", ""))))
     return rows

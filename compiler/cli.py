@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -927,8 +928,10 @@ def passes(verbose: bool) -> None:
         origin = "" if cls.__module__.startswith("detc.") else f"  [{cls.__module__}]"
         click.echo(f"{name:<24} {kind:<7} {cls.summary()}{origin}")
         if verbose:
-            for opt_name, kind_name, default in describe_options(cls):
+            for opt_name, kind_name, default, help_text in describe_options(cls):
                 click.echo(f"{'':<32}{opt_name}: {kind_name} = {default}")
+                for line in textwrap.wrap(help_text, width=68):
+                    click.echo(f"{'':<36}{line}")
 
 
 @cli.command()

@@ -76,6 +76,15 @@ def test_passes_lists_every_builtin_with_kind() -> None:
         assert " exact " in line
 
 
+def test_passes_verbose_explains_each_option() -> None:
+    result = detc("passes", "-v")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    option = next(i for i, line in enumerate(lines) if line.strip().startswith("mac_reduction:"))
+    # the option's documentation follows it, indented under it
+    assert lines[option + 1].startswith(" " * 36) and "MACs" in lines[option + 1]
+
+
 def test_unknown_pass_exits_2_and_lists_known(model_path: Path, tmp_path: Path) -> None:
     result = detc(
         "opt", str(model_path), "-p", "fold-conv-bn,no-such-pass", "-o", str(tmp_path / "o.onnx")
