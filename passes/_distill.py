@@ -11,8 +11,8 @@ so the model keeps its structure and names. Only the ops detectors are built fro
 any other raises :class:`BadInputError` naming it.
 
 What is matched: the output of every Conv the student shares with the teacher (same name, same
-channel count) — intermediate features, which generalise from a few dozen images far better
-than the outputs alone — and the detection heads (Convs no other Conv reads; compared after the
+channel count) — intermediate features, which constrain the fit far more than the outputs
+alone — and the detection heads (Convs no other Conv reads; compared after the
 Sigmoid their outputs go through, when they do). Each target counts by its error relative to the
 teacher's variance there, so wide early layers do not drown the heads.
 
@@ -20,6 +20,10 @@ A few dozen calibration images are made into many inputs by label-free augmentat
 rescaling and cropping at ``size`` x ``size`` (objects keep roughly their native scale, which is
 what the model will see), 2 x 2 mosaics, horizontal flips and colour jitter. Training at a
 reduced size is cheap, and what a Conv computes does not depend on the image size.
+
+Measured on yolov5n pruned by 20 % of its MACs (32 calibration images of coco64, 150 steps at
+512 px): mAP on the calibration images 31.5 → 36.0, on 32 other images 20.2 → 17.3. With so few
+images it fits them and generalises worse; it is off by default (``distill_steps=0``).
 
 torch is an optional dependency (``pip install detc[torch]``), imported only here.
 """
