@@ -672,10 +672,7 @@ def _verify_int8(
     """``detc verify`` of an int8 artifact: against its quantized reference, and the float model."""
     from detc.compiler.verify import quantization_lines, verify_quantized_tensors
 
-    float_reference = reference
-    if float_reference is None:
-        source = (manifest.get("source") or {}).get("path")
-        float_reference = Path(source) if source and Path(source).is_file() else None
+    float_reference = reference or _source_model(manifest)
     if data is not None and float_reference is None:
         _default_reference(manifest, artifact)  # raises: the mAP budget needs the float model
     report = verify_quantized_tensors(
@@ -729,10 +726,17 @@ def _verify_int8(
     click.echo("verify: ok", err=as_json)  # with --json, stdout holds only the JSON
 
 
-def _default_reference(manifest: dict[str, Any], artifact: Path) -> Path:
+def _source_model(manifest: dict[str, Any]) -> Path | None:
+    """The model the artifact was compiled from, if it is still where the compile read it."""
     source = (manifest.get("source") or {}).get("path")
-    if source and Path(source).is_file():
-        return Path(source)
+    return Path(source) if source and Path(source).is_file() else None
+
+
+def _default_reference(manifest: dict[str, Any], artifact: Path) -> Path:
+    found = _source_model(manifest)
+    if found is not None:
+        return found
+    source = (manifest.get("source") or {}).get("path")
     raise BadInputError(
         f"{artifact}: give --reference MODEL.onnx (the source model is not at {source})"
     )

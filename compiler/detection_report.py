@@ -244,13 +244,15 @@ class DetectionReport:
         written: list[Path] = []
         plots: list[str] = []
         if self.agreement is not None and self.per_image:
-            _write_bytes(out / AGREEMENT_PLOT, _agreement_plot(self.per_image))
-            _write_bytes(out / DRIFT_PLOT, _drift_plot(self.agreement))
+            write_atomically(out / AGREEMENT_PLOT, _agreement_plot(self.per_image))
+            write_atomically(out / DRIFT_PLOT, _drift_plot(self.agreement))
             plots = [AGREEMENT_PLOT, DRIFT_PLOT]
             written += [out / name for name in plots]
         report = dataclasses.replace(self, plots=tuple(plots))
-        _write_bytes(out / "report.json", json.dumps(report.to_dict(), indent=2).encode() + b"\n")
-        _write_bytes(out / "report.md", report.render_markdown().encode())
+        write_atomically(
+            out / "report.json", json.dumps(report.to_dict(), indent=2).encode() + b"\n"
+        )
+        write_atomically(out / "report.md", report.render_markdown().encode())
         return [out / "report.json", out / "report.md", *written]
 
 
@@ -416,7 +418,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Atomic write: a reader never sees a half-written report."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

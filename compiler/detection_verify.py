@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,19 @@ import numpy as np
 from detc.compiler._errors import BadInputError
 from detc.compiler._ort import ort_session, run_session
 from detc.compiler.datasets import CocoDataset
-from detc.compiler.detection_report import DetectionReport, Runner, evaluate_detection
+from detc.compiler.detection_report import (
+    DetectionReport,
+    Runner,
+    evaluate_detection,
+    write_atomically,
+)
 from detc.compiler.modelspec import ModelSpec, spec_from_onnx
 from detc.compiler.verify import (
     Int8Agreement,
     QuantizedOutputAgreement,
     artifact_batch_runner,
     criterion_line,
+    format_db,
     int8_criterion,
     is_quantized,
     jittered_reference,
@@ -231,7 +236,8 @@ class QuantizedDetectionReport:
                 f"  {o.name}: SQNR {o.sqnr_db:.1f} dB (least {o.least_sqnr_db:.1f}), max abs "
                 f"{o.max_abs_error:.3g}, p99 abs "
                 f"{o.p99_abs_error:.3g}; vs float: artifact "
-                f"{_db(o.artifact_float_sqnr_db)}, QDQ {_db(o.reference_float_sqnr_db)}  "
+                f"{format_db(o.artifact_float_sqnr_db)}, "
+                f"QDQ {format_db(o.reference_float_sqnr_db)}  "
                 f"{o.verdict()}"
             )
         lines.append("  " + criterion_line())
@@ -262,9 +268,10 @@ class QuantizedDetectionReport:
         md.append("|---|---:|---:|---:|---:|---:|---:|---|")
         for o in self.outputs:
             md.append(
-                f"| {o.name} | {_db(o.sqnr_db)} | {_db(o.least_sqnr_db)} | {o.max_abs_error:.3g} "
+                f"| {o.name} | {format_db(o.sqnr_db)} | {format_db(o.least_sqnr_db)} "
+                f"| {o.max_abs_error:.3g} "
                 f"| {o.p99_abs_error:.3g} "
-                f"| {_db(o.artifact_float_sqnr_db)} | {_db(o.reference_float_sqnr_db)} "
+                f"| {format_db(o.artifact_float_sqnr_db)} | {format_db(o.reference_float_sqnr_db)} "
                 f"| {o.verdict()} |"
             )
         md.append("")
@@ -307,29 +314,15 @@ class QuantizedDetectionReport:
         written = self.versus_float.write(out)
         written += self.versus_quantized.write(out / QUANTIZED_SUBREPORT)
         markdown = out / "report.md"
-        _write_text(markdown, markdown.read_text(encoding="utf-8") + "\n" + self.render_markdown())
-        _write_text(out / "quantization.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        combined = markdown.read_text(encoding="utf-8") + "\n" + self.render_markdown()
+        write_atomically(markdown, combined.encode("utf-8"))
+        document = json.dumps(self.to_dict(), indent=2) + "\n"
+        write_atomically(out / "quantization.json", document.encode("utf-8"))
         return [*written, out / "quantization.json"]
 
 
 def _points(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}"
-
-
-def _db(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} dB"
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic: a reader never sees half a report."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def verify_quantized_detection(

@@ -501,7 +501,8 @@ def quantization_lines(record: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _db(value: float | None) -> str:
+def format_db(value: float | None) -> str:
+    """An SQNR for reports: ``27.3 dB``, ``-`` when not measured."""
     return "-" if value is None else f"{value:.1f} dB"
 
 
@@ -530,9 +531,11 @@ class QuantizedTensorReport:
         for o in self.outputs:
             shape = "x".join(map(str, o.shape))
             lines.append(
-                f"{o.name[:16]:<16} {shape:<14} {_db(o.sqnr_db):>11} {_db(o.least_sqnr_db):>8} "
+                f"{o.name[:16]:<16} {shape:<14} {format_db(o.sqnr_db):>11} "
+                f"{format_db(o.least_sqnr_db):>8} "
                 f"{o.max_abs_error:>9.3g} {o.p99_abs_error:>9.3g} "
-                f"{_db(o.artifact_float_sqnr_db):>14} {_db(o.reference_float_sqnr_db):>8}  "
+                f"{format_db(o.artifact_float_sqnr_db):>14} "
+                f"{format_db(o.reference_float_sqnr_db):>8}  "
                 f"{o.verdict()}"
             )
         lines.append(criterion_line())

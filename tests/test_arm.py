@@ -37,7 +37,8 @@ def _fake_elf(machine: int) -> bytes:
     return bytes(header)
 
 
-def _have_cross_compiler() -> bool:
+def have_cross_compiler() -> bool:
+    """Whether the aarch64 cross toolchain (C and C++) is installed."""
     _toolchain.clear_toolchain_cache()
     try:
         _toolchain.find_aarch64_cross_compiler(require_cxx=True)
@@ -47,7 +48,7 @@ def _have_cross_compiler() -> bool:
 
 
 needs_cross = pytest.mark.skipif(
-    not _have_cross_compiler(), reason="no aarch64 cross compiler (gcc-aarch64-linux-gnu)"
+    not have_cross_compiler(), reason="no aarch64 cross compiler (gcc-aarch64-linux-gnu)"
 )
 needs_qemu = pytest.mark.skipif(
     _toolchain.find_qemu_aarch64() is None, reason="no qemu-aarch64 (qemu-user)"
@@ -158,7 +159,7 @@ def test_doctor_reports_every_tool() -> None:
     tvm_record = next(record for record in records if record.tool == "TVM build")
     assert tvm_record.found is not None and "LLVM" in tvm_record.found
     cross = next(record for record in records if record.tool == "aarch64 cross compiler")
-    assert cross.ok == _have_cross_compiler()
+    assert cross.ok == have_cross_compiler()
 
 
 def test_elf_machine_reads_the_header(tmp_path: Path) -> None:

@@ -21,12 +21,12 @@ import onnx
 import pytest
 import tvm
 
-from detc.compiler._errors import ToolchainMissingError
 from detc.kernels.conv2d_int8 import assembly_of
 from detc.kernels.conv2d_int8_arm import arm_int8_isa
 from detc.targets import _emulator, _toolchain, resolve_target
 from detc.targets._artifact import build_artifact
 from detc.targets._int8 import lower_qdq_conv2d_to_int8
+from tests.test_arm import have_cross_compiler
 from tests.test_int8_lowering import (
     CASES,
     dequantized_conv_model,
@@ -45,17 +45,8 @@ PRESETS = {"sdot": "arm:cortex-a76", "neon": "arm"}
 KERNEL_SYMBOL = b"conv2d_int8"
 
 
-def _have_cross_compiler() -> bool:
-    _toolchain.clear_toolchain_cache()
-    try:
-        _toolchain.find_aarch64_cross_compiler(require_cxx=True)
-    except ToolchainMissingError:
-        return False
-    return True
-
-
 needs_emulation = pytest.mark.skipif(
-    not _have_cross_compiler() or _toolchain.find_qemu_aarch64() is None,
+    not have_cross_compiler() or _toolchain.find_qemu_aarch64() is None,
     reason="no aarch64 cross compiler (gcc-aarch64-linux-gnu) or qemu-aarch64 (qemu-user)",
 )
 
