@@ -437,7 +437,9 @@ class PrunePass(DetcPass):
             and (opts.recover or opts.mean_shift or distills)
         ):
             few = feeds[:_OUTPUT_ERROR_IMAGES]
-            report.output_error_before = _output_error(original, model, few)
+            reference_session = ort_session(original)
+            expected = [run_session(reference_session, feed) for feed in few]
+            report.output_error_before = _output_error(expected, model, few)
             if opts.recover:
                 report.recovery = "least squares" + (", sequential" if opts.sequential else "")
                 report.fits = _recover(model, cg, removed, stats, feeds, opts)
@@ -452,7 +454,7 @@ class PrunePass(DetcPass):
                     else (report.recovery + " + distillation")
                 )
                 report.distill = _distill(model, original, feeds, opts)
-            report.output_error_after = _output_error(original, model, few)
+            report.output_error_after = _output_error(expected, model, few)
         report.seconds = time.perf_counter() - started
         logger.info("%s", report.table())
         return PassResult(model, True)
@@ -1402,16 +1404,17 @@ def _distill(
 
 
 def _output_error(
-    original: onnx.ModelProto, model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]
+    expected: Sequence[dict[str, np.ndarray]],
+    model: ir.Model,
+    feeds: Sequence[dict[str, np.ndarray]],
 ) -> float:
-    """Relative squared error of ``model``'s graph outputs against ``original``'s."""
-    reference = ort_session(original)
+    """Relative squared error of ``model``'s graph outputs on ``feeds`` against ``expected``
+    (the original model's outputs on them, computed once for the before and after figures)."""
     candidate = ort_session(to_proto(model))
     error = energy = 0.0
-    for feed in feeds:
-        expected = run_session(reference, feed)
+    for feed, outputs in zip(feeds, expected, strict=True):
         actual = run_session(candidate, feed)
-        for name, value in expected.items():
+        for name, value in outputs.items():
             ref = value.astype(np.float64)
             error += float(((actual[name].astype(np.float64) - ref) ** 2).sum())
             energy += float(((ref - ref.mean()) ** 2).sum())
