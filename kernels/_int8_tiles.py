@@ -201,11 +201,16 @@ class TileDatabase:
             self.best[workload] = (dict(tiles), seconds)
 
 
-def tile_chooser(directory: Path, search: bool, deadline: float = math.inf) -> TileChooser:
+def tile_chooser(
+    directory: Path,
+    search: bool,
+    deadline: float = math.inf,
+    on_search: Callable[[float], None] | None = None,
+) -> TileChooser:
     """The lowering's schedule choice: the database's winner for the workload; when it has
     none, measured now and recorded (``search``, until ``time.monotonic()`` passes
     ``deadline``: later workloads take the default and are left for the next search) or the
-    default (None: the kernel's own)."""
+    default (None: the kernel's own). ``on_search`` hears the seconds each search took."""
     databases: dict[str, TileDatabase] = {}
 
     def choose(
@@ -225,7 +230,10 @@ def tile_chooser(directory: Path, search: bool, deadline: float = math.inf) -> T
         candidates = candidate_tiles(data_shape, conv, target)
         if len(candidates) < 2:
             return None
+        started = time.monotonic()
         measured = measure_tiles(data_shape, conv, target, candidates)
+        if on_search is not None:
+            on_search(time.monotonic() - started)
         best, seconds = measured[0]
         database.add(workload, best, seconds, len(candidates))
         default_seconds = next(s for t, s in measured if t == candidates[0])

@@ -51,6 +51,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -697,11 +698,14 @@ def bind_quantization_params(
     return relax.transform.BindParams("main", to_bind)(mod), remaining
 
 
-def int8_tile_chooser(tuning: Any) -> TileChooser | None:
+def int8_tile_chooser(
+    tuning: Any, on_search: Callable[[float], None] | None = None
+) -> TileChooser | None:
     """The schedule choice of a build with tuning options ``tuning`` (a ``TuningOptions``, or
     None for an untuned build: every kernel takes its default). The measured tiles live in the
     tuning database directory (``int8_tiles.jsonl``); ``tuning.tune`` measures the workloads
-    the file lacks, without it the file is only read."""
+    the file lacks, without it the file is only read; ``on_search`` hears the seconds each
+    measurement took (they count against ``tuning.minutes``)."""
     if tuning is None:
         return None
     from detc.targets._database import default_database_dir
@@ -710,4 +714,6 @@ def int8_tile_chooser(tuning: Any) -> TileChooser | None:
     deadline = math.inf
     if tuning.minutes is not None:
         deadline = time.monotonic() + tuning.minutes * 60 * INT8_TILE_BUDGET_SHARE
-    return tile_chooser(Path(directory), search=bool(tuning.tune), deadline=deadline)
+    return tile_chooser(
+        Path(directory), search=bool(tuning.tune), deadline=deadline, on_search=on_search
+    )

@@ -10,7 +10,7 @@ is one vector register of float32 (16 with AVX-512, 8 with AVX2), see _layout.py
 from __future__ import annotations
 
 import platform
-import time
+from collections.abc import Callable
 from typing import Any
 
 from detc.compiler._errors import BadInputError, ToolchainMissingError
@@ -141,16 +141,14 @@ class X86Target(Target):
         from detc.targets._layout import blocked_layout_passes
 
         block = self.channel_block()
-        from detc.targets._int8 import has_quantized_ops
 
-        passes = [_int8_lowering(ctx.tuning), *blocked_layout_passes(block)]
-        searching = ctx.tuning is not None and ctx.tuning.tune and has_quantized_ops(ctx.mod)
-        started = time.monotonic()
+        def searched(seconds: float) -> None:
+            # the int8 tile search counts against --tune-minutes
+            ctx.searched_seconds += seconds
+
+        passes = [_int8_lowering(ctx.tuning, searched), *blocked_layout_passes(block)]
         with ctx.tvm_target:
             ctx.mod = tvm.transform.Sequential(passes)(ctx.mod)
-        if searching:
-            # the int8 tile search ran in there: it counts against --tune-minutes
-            ctx.searched_seconds += time.monotonic() - started
         return f"{count_tir_functions(ctx.mod)} TIR functions, NCHW{block}c"
 
     def check_toolchain(self) -> None:
@@ -173,7 +171,7 @@ def _llvm_knows_x86_cpu(mcpu: str) -> bool:
     return mcpu in {str(name) for name in archlist}
 
 
-def _int8_lowering(tuning: Any = None) -> Any:
+def _int8_lowering(tuning: Any = None, on_search: Callable[[float], None] | None = None) -> Any:
     """The QDQ → int8 kernel lowering as a build applies it: conv outputs left in float by the
     quantize pass are lowered too (exact integer sums, dequantized), and so are chains
     onnxruntime runs in float (a SiLU or ReLU before the quantize, a float bias) — the integer
@@ -184,5 +182,5 @@ def _int8_lowering(tuning: Any = None) -> Any:
     from detc.targets._int8 import int8_tile_chooser, lower_qdq_conv2d_to_int8
 
     return lower_qdq_conv2d_to_int8(
-        allow_approximate=True, float_outputs=True, tiles=int8_tile_chooser(tuning)
+        allow_approximate=True, float_outputs=True, tiles=int8_tile_chooser(tuning, on_search)
     )

@@ -206,8 +206,10 @@ def test_chooser_measures_once_records_and_reuses(
     shape = (1, 8, 4, 32)
     target = tvm.target.Target(VNNI_TARGET)
     assert tile_chooser(tmp_path, search=False)(shape, conv, target) is None
-    chosen = tile_chooser(tmp_path, search=True)(shape, conv, target)
+    searches: list[float] = []
+    chosen = tile_chooser(tmp_path, search=True, on_search=searches.append)(shape, conv, target)
     assert chosen in candidate_tiles(shape, conv, target)
+    assert len(searches) == 1 and searches[0] > 0  # what --tune-minutes is charged
     lines = (tmp_path / TILES_FILE).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["tiles"] == chosen
 
@@ -215,8 +217,12 @@ def test_chooser_measures_once_records_and_reuses(
         raise AssertionError("a recorded workload was measured again")
 
     monkeypatch.setattr(tiles_module, "measure_tiles", no_measuring)
-    assert tile_chooser(tmp_path, search=True)(shape, conv, target) == chosen
+    assert (
+        tile_chooser(tmp_path, search=True, on_search=searches.append)(shape, conv, target)
+        == chosen
+    )
     assert tile_chooser(tmp_path, search=False)(shape, conv, target) == chosen
+    assert len(searches) == 1
 
 
 def test_chooser_past_its_deadline_takes_the_default_and_records_nothing(
