@@ -1,4 +1,4 @@
-"""The int8 convolution's schedule knobs, measured per workload and remembered.
+"""The int8 convolution's schedule knobs and how to measure them per workload.
 
 :func:`~detc.kernels.conv2d_int8.build_conv2d_int8` takes ``tiles``: the accumulator layout
 (``channels``: a vector is 16 output channels of one pixel; ``pixels``: 16 neighbouring pixels of
@@ -6,22 +6,17 @@ one channel, stride-1 convolutions only) and the register tile (``oc_tile`` × `
 choice computes the same numbers bit for bit; only the speed differs, and which one wins depends on
 the workload (a 1×1 convolution with a wide image wants pixels, a strided one can only have
 channels) and on the CPU. So a tuned build measures a small grid per workload
-(:func:`measure_tiles`) and records the winner in the tuning database directory, next to the
-MetaSchedule records (``int8_tiles.jsonl``, one JSON object per line, keyed by workload and target;
-appended under the same ``flock`` discipline as :mod:`detc.targets._database`). An untuned build,
-or a workload the file lacks, gets :func:`~detc.kernels.conv2d_int8.default_tiles`.
+(:func:`candidate_tiles`, :func:`measure_tiles`); :mod:`detc.targets._tile_database` records the
+winner in the tuning database directory, keyed by :func:`workload_key` and target. An untuned
+build, or a workload never measured, gets :func:`~detc.kernels.conv2d_int8.default_tiles`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import tvm
@@ -38,10 +33,6 @@ from detc.kernels.conv2d_int8 import (
     int8_isa,
     pixel_layout_applies,
 )
-from detc.targets._database import INT8_TILES_FILE, append_lines, locked
-from detc.targets._database import target_key as database_target_key
-
-logger = logging.getLogger("detc.targets")
 
 #: (channel blocks, pixels) register tiles of the channel layout; 2 × 10 was the old default
 _CHANNEL_TILES = ((2, 10), (2, 7), (1, 15), (1, 20), (4, 5), (4, 6), (8, 3), (2, 12))
@@ -76,16 +67,6 @@ def workload_key(data_shape: tuple[int, ...], conv: QuantizedConv2d) -> str:
     }
     canonical = json.dumps(described, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def target_key(target: tvm.target.Target) -> str:
-    """The CPU and code-generation options a measurement holds for."""
-    config = target.export()
-    wanted = ("kind", "mcpu", "mtriple", "mattr", "num-cores")
-    described = {k: config[k] for k in wanted if k in config}
-    return database_target_key(
-        {k: list(v) if isinstance(v, list | tuple) else v for k, v in described.items()}
-    )
 
 
 def candidate_tiles(
@@ -147,107 +128,6 @@ def measure_tiles(
             times.append(float(timer(*arrays).mean))
     measured = [(t, statistics.median(s)) for t, s in zip(candidates, samples, strict=True)]
     return sorted(measured, key=lambda pair: pair[1])
-
-
-class TileDatabase:
-    """``int8_tiles.jsonl`` of one tuning database directory, seen for one target."""
-
-    def __init__(self, directory: Path, target: tvm.target.Target) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.target = target_key(target)
-        self.best: dict[str, tuple[Tiles, float]] = {}
-        self.reload()
-
-    @property
-    def path(self) -> Path:
-        return self.directory / INT8_TILES_FILE
-
-    def reload(self) -> None:
-        self.best = {}
-        with locked(self.directory, exclusive=False):
-            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if not isinstance(entry, dict) or entry.get("target") != self.target:
-                continue
-            key, tiles, seconds = entry.get("workload"), entry.get("tiles"), entry.get("run_s")
-            if not isinstance(key, str) or not isinstance(tiles, dict):
-                continue
-            if not isinstance(seconds, int | float):
-                continue
-            if key not in self.best or seconds < self.best[key][1]:
-                self.best[key] = (tiles, float(seconds))
-
-    def lookup(self, workload: str) -> Tiles | None:
-        found = self.best.get(workload)
-        return None if found is None else dict(found[0])
-
-    def add(self, workload: str, tiles: Tiles, seconds: float, candidates: int) -> None:
-        entry = {
-            "workload": workload,
-            "target": self.target,
-            "tiles": tiles,
-            "run_s": seconds,
-            "candidates": candidates,
-        }
-        line = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
-        with locked(self.directory, exclusive=True):
-            append_lines(self.path, line)
-        if workload not in self.best or seconds < self.best[workload][1]:
-            self.best[workload] = (dict(tiles), seconds)
-
-
-def tile_chooser(
-    directory: Path,
-    search: bool,
-    deadline: float = math.inf,
-    on_search: Callable[[float], None] | None = None,
-) -> TileChooser:
-    """The lowering's schedule choice: the database's winner for the workload; when it has
-    none, measured now and recorded (``search``, until ``time.monotonic()`` passes
-    ``deadline``: later workloads take the default and are left for the next search) or the
-    default (None: the kernel's own). ``on_search`` hears the seconds each search took."""
-    databases: dict[str, TileDatabase] = {}
-
-    def choose(
-        data_shape: tuple[int, ...], conv: QuantizedConv2d, target: tvm.target.Target
-    ) -> Tiles | None:
-        key = target_key(target)
-        if key not in databases:
-            databases[key] = TileDatabase(directory, target)
-        database = databases[key]
-        workload = workload_key(data_shape, conv)
-        known = database.lookup(workload)
-        if known is not None or not search:
-            return known
-        if time.monotonic() >= deadline:
-            logger.info("int8 tiles %s: budget spent, default tile", describe(data_shape, conv))
-            return None
-        candidates = candidate_tiles(data_shape, conv, target)
-        if len(candidates) < 2:
-            return None
-        started = time.monotonic()
-        measured = measure_tiles(data_shape, conv, target, candidates)
-        if on_search is not None:
-            on_search(time.monotonic() - started)
-        best, seconds = measured[0]
-        database.add(workload, best, seconds, len(candidates))
-        default_seconds = next(s for t, s in measured if t == candidates[0])
-        logger.info(
-            "int8 tiles %s: %s %.3f ms (default %.3f ms, %d candidates)",
-            describe(data_shape, conv),
-            best,
-            seconds * 1e3,
-            default_seconds * 1e3,
-            len(candidates),
-        )
-        return best
-
-    return choose
 
 
 def describe(data_shape: tuple[int, ...], conv: QuantizedConv2d) -> str:

@@ -29,7 +29,8 @@ the roles: a vector is ``L`` neighbouring output pixels of one channel, one ``vp
 and the accumulator ``[N, OC', OH, OW']`` is NCHW already: the epilogue stores whole pixel vectors
 instead of transposing 16-channel vectors byte by byte. A 1×1 convolution with stride 1 and no
 padding runs on the image as one row of ``H·W`` pixels. Which layout and tile is fastest depends
-on the workload: :mod:`detc.kernels._int8_tiles` measures and remembers it.
+on the workload: :mod:`detc.kernels._int8_tiles` measures it, :mod:`detc.targets._tile_database`
+remembers it.
 
 Temporaries of a tile are in the default ("global") scope, and the searched pixel tiles stay
 under 1 KiB: TVM serves a ``local`` buffer, or any buffer of 1 KiB or more, inside a parallel loop

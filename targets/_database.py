@@ -40,7 +40,7 @@ from detc.compiler._errors import BadInputError
 
 WORKLOADS_FILE = "workloads.jsonl"
 RECORDS_FILE = "records.jsonl"
-#: the measured int8 kernel tiles (``detc.kernels._int8_tiles``): one JSON line per measurement
+#: the measured int8 kernel tiles (``detc.targets._tile_database``): one JSON line per measurement
 INT8_TILES_FILE = "int8_tiles.jsonl"
 LOCK_FILE = ".lock"
 EXPORT_FORMAT = "detc-tuning-db"

@@ -62,9 +62,10 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax import expr_functor
 
-from detc.kernels._int8_tiles import TileChooser, tile_chooser
+from detc.kernels._int8_tiles import TileChooser
 from detc.kernels.conv2d_int8 import QuantizedConv2d
 from detc.kernels.conv2d_int8_arm import build_conv2d_int8_for_target, is_aarch64
+from detc.targets._tile_database import tile_chooser
 
 logger = logging.getLogger("detc.targets")
 
@@ -633,7 +634,7 @@ def lower_qdq_conv2d_to_int8(
     (detc's ``quantize`` pass leaves conv outputs float by default): int8 products, the exact
     int32 sum, dequantized by the kernel; onnxruntime computes those in float, so results
     differ by float rounding (~1e-7 relative). ``tiles`` picks each x86 kernel's schedule
-    (:func:`detc.kernels._int8_tiles.tile_chooser`: measured and remembered per workload);
+    (:func:`detc.targets._tile_database.tile_chooser`: measured and remembered per workload);
     None, or a chooser answering None, means the kernel's default.
     """
 

@@ -50,6 +50,18 @@ def test_tvm_is_imported_only_in_targets_and_kernels() -> None:
     assert offenders == []
 
 
+def test_kernels_do_not_import_targets() -> None:
+    """kernels/ is the layer below targets/: a kernel knows schedules, not databases or
+    artifacts (a kernel module importing detc.targets would also make the layers circular)."""
+    pattern = re.compile(r"^\s*(import detc\.targets\b|from detc\.targets\b)", re.MULTILINE)
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in (REPO / "kernels").rglob("*.py")
+        if pattern.search(path.read_text())
+    ]
+    assert offenders == []
+
+
 def test_importing_detc_does_not_import_tvm() -> None:
     code = "import sys, detc, detc.targets, detc.passes; print('tvm' in sys.modules)"
     result = subprocess.run(

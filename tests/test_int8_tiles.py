@@ -13,12 +13,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from detc.kernels import _int8_tiles as tiles_module  # noqa: E402
-from detc.kernels._int8_tiles import (  # noqa: E402
-    TileDatabase,
-    candidate_tiles,
-    tile_chooser,
-    workload_key,
-)
+from detc.kernels._int8_tiles import candidate_tiles, workload_key  # noqa: E402
 from detc.kernels.conv2d_int8 import (  # noqa: E402
     CHANNELS,
     PIXELS,
@@ -29,6 +24,7 @@ from detc.kernels.conv2d_int8 import (  # noqa: E402
 )
 from detc.targets._database import INT8_TILES_FILE as TILES_FILE  # noqa: E402
 from detc.targets._database import TuningDatabase, import_records  # noqa: E402
+from detc.targets._tile_database import TileDatabase, tile_chooser  # noqa: E402
 
 #: an AVX512-VNNI CPU: the kernels are compiled for it; run only where the host has VNNI
 VNNI_TARGET = {"kind": "llvm", "mcpu": "icelake-server", "num-cores": 1}
