@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -256,6 +256,143 @@ class DetectionReport:
         return [out / "report.json", out / "report.md", *written]
 
 
+@dataclass
+class DetectionComparison:
+    """A reference and (optionally) a candidate compared image by image: the detections of
+    each, their per-image agreement, the worst raw-output difference and the time each took.
+    :func:`evaluate_detection` fills one; a caller that holds several models' outputs for the
+    same image (an int8 artifact against its float *and* its quantized reference) fills one per
+    pair and runs each model once."""
+
+    decoder: str | Decoder
+    spec: ModelSpec
+    tolerance: Tolerance | None = None
+    report_score_threshold: float = DEFAULT_REPORT_SCORE
+    match_iou: float = DEFAULT_MATCH_IOU
+    #: compare the raw output tensors under ``tolerance`` (float criteria; off where the
+    #: caller holds them to another criterion)
+    compare_tensors: bool = True
+    reference_dets: dict[int, Detections] = field(default_factory=dict)
+    candidate_dets: dict[int, Detections] = field(default_factory=dict)
+    per_image: list[ImageAgreement] = field(default_factory=list)
+    worst: dict[str, TensorDiff] = field(default_factory=dict)
+    reference_seconds: float = 0.0
+    candidate_seconds: float = 0.0
+
+    def detections(self, outputs: Mapping[str, np.ndarray], sample: Any) -> Detections:
+        """``outputs`` decoded, boxes in the original image's pixels."""
+        found = decode(get_decoder(self.decoder), dict(outputs), self.spec)
+        return _to_original(found, sample.transform)
+
+    def add(
+        self,
+        sample: Any,
+        reference: Mapping[str, np.ndarray],
+        reference_seconds: float,
+        candidate: Mapping[str, np.ndarray] | None = None,
+        candidate_seconds: float = 0.0,
+        *,
+        reference_dets: Detections | None = None,
+        candidate_dets: Detections | None = None,
+    ) -> None:
+        """One image's outputs (and their decoded detections, when the caller has them)."""
+        image_id = sample.image_id
+        if reference_dets is None:
+            reference_dets = self.detections(reference, sample)
+        self.reference_dets[image_id] = reference_dets
+        self.reference_seconds += reference_seconds
+        if candidate is None:
+            return
+        if candidate_dets is None:
+            candidate_dets = self.detections(candidate, sample)
+        self.candidate_dets[image_id] = candidate_dets
+        self.candidate_seconds += candidate_seconds
+        if self.compare_tensors:
+            for diff in compare_outputs(dict(candidate), dict(reference), self.tolerance):
+                self.worst[diff.name] = _worse(self.worst.get(diff.name), diff)
+        self.per_image.append(
+            match_detections(
+                reference_dets,
+                candidate_dets,
+                image_id=image_id,
+                score_threshold=self.report_score_threshold,
+                iou_threshold=self.match_iou,
+            )
+        )
+
+    def report(
+        self,
+        dataset: CocoDataset,
+        *,
+        reference_label: str = "reference",
+        candidate_label: str = "candidate",
+        time_candidate: bool = True,
+    ) -> DetectionReport:
+        """COCO metrics of both and their agreement over the images added so far."""
+        category_ids = category_ids_for(self.spec, dataset)
+        images = max(len(self.reference_dets), 1)
+        reference = RunnerSummary(
+            reference_label,
+            evaluate_coco(self.reference_dets, dataset, category_ids),
+            self.reference_seconds / images,
+        )
+        candidate = None
+        agreement = None
+        if self.candidate_dets:
+            candidate = RunnerSummary(
+                candidate_label,
+                evaluate_coco(self.candidate_dets, dataset, category_ids),
+                self.candidate_seconds / images if time_candidate else None,
+            )
+            agreement = aggregate_agreement(
+                self.per_image,
+                score_threshold=self.report_score_threshold,
+                iou_threshold=self.match_iou,
+            )
+        decoder = self.decoder
+        decoder_name = (
+            decoder if isinstance(decoder, str) else getattr(decoder, "__name__", "custom")
+        )
+        return DetectionReport(
+            spec=self.spec,
+            dataset=str(dataset.root),
+            decoder=str(decoder_name),
+            num_images=len(self.reference_dets),
+            reference=reference,
+            candidate=candidate,
+            agreement=agreement,
+            per_image=tuple(self.per_image),
+            tensor_diffs=tuple(self.worst.values()),
+        )
+
+
+def dataset_samples(
+    dataset: CocoDataset, spec: ModelSpec, max_images: int | None, progress: bool
+) -> Iterator[Any]:
+    """The dataset's images prepared for ``spec``, under a progress bar on stderr."""
+    total = len(dataset) if max_images is None else min(max_images, len(dataset))
+    bar = tqdm(
+        dataset.samples(spec, max_images),
+        total=total,
+        desc="detection check",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        yield from bar
+    finally:
+        bar.close()
+
+
+def timed(runner: Runner, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    """``runner(feeds)`` and the seconds it took."""
+    start = time.perf_counter()
+    outputs = dict(runner(feeds))
+    return outputs, time.perf_counter() - start
+
+
 def evaluate_detection(
     reference: Runner,
     candidate: Runner | None,
@@ -277,80 +414,28 @@ def evaluate_detection(
     ``decoder`` defaults to ``spec.decoder``. ``tolerance`` overrides the per-dtype tolerance of
     the raw-output comparison. Errors from the runners propagate unchanged.
     """
-    decoder = spec.decoder if decoder is None else decoder
-    decoder_fn = get_decoder(decoder)
-    decoder_name = decoder if isinstance(decoder, str) else getattr(decoder, "__name__", "custom")
-    category_ids = category_ids_for(spec, dataset)  # fail on a bad mapping before the long run
-    total = len(dataset) if max_images is None else min(max_images, len(dataset))
-
-    ref_dets: dict[int, Detections] = {}
-    cand_dets: dict[int, Detections] = {}
-    per_image: list[ImageAgreement] = []
-    worst: dict[str, TensorDiff] = {}
-    ref_time = cand_time = 0.0
-    samples = dataset.samples(spec, max_images)
-    bar = tqdm(
-        samples,
-        total=total,
-        desc="detection check",
-        unit="img",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
+    comparison = DetectionComparison(
+        spec.decoder if decoder is None else decoder,
+        spec,
+        tolerance,
+        report_score_threshold,
+        match_iou,
     )
-    for sample in bar:
+    get_decoder(comparison.decoder)  # an unknown decoder fails before the long run
+    category_ids_for(spec, dataset)  # and so does a bad class mapping
+    for sample in dataset_samples(dataset, spec, max_images, progress):
         feeds = {spec.input_name: sample.tensor}
-        start = time.perf_counter()
-        ref_out = dict(reference(feeds))
-        ref_time += time.perf_counter() - start
-        ref_dets[sample.image_id] = _to_original(
-            decode(decoder_fn, ref_out, spec), sample.transform
-        )
+        reference_out, reference_seconds = timed(reference, feeds)
         if candidate is None:
+            comparison.add(sample, reference_out, reference_seconds)
             continue
-        start = time.perf_counter()
-        cand_out = dict(candidate(feeds))
-        cand_time += time.perf_counter() - start
-        cand_dets[sample.image_id] = _to_original(
-            decode(decoder_fn, cand_out, spec), sample.transform
-        )
-        for diff in compare_outputs(cand_out, ref_out, tolerance):
-            worst[diff.name] = _worse(worst.get(diff.name), diff)
-        per_image.append(
-            match_detections(
-                ref_dets[sample.image_id],
-                cand_dets[sample.image_id],
-                image_id=sample.image_id,
-                score_threshold=report_score_threshold,
-                iou_threshold=match_iou,
-            )
-        )
-    bar.close()
-    images = len(ref_dets)
-    reference_summary = RunnerSummary(
-        reference_label, evaluate_coco(ref_dets, dataset, category_ids), ref_time / max(images, 1)
-    )
-    candidate_summary = None
-    agreement = None
-    if candidate is not None:
-        candidate_summary = RunnerSummary(
-            candidate_label,
-            evaluate_coco(cand_dets, dataset, category_ids),
-            cand_time / max(images, 1) if time_candidate else None,
-        )
-        agreement = aggregate_agreement(
-            per_image, score_threshold=report_score_threshold, iou_threshold=match_iou
-        )
-    return DetectionReport(
-        spec=spec,
-        dataset=str(dataset.root),
-        decoder=str(decoder_name),
-        num_images=images,
-        reference=reference_summary,
-        candidate=candidate_summary,
-        agreement=agreement,
-        per_image=tuple(per_image),
-        tensor_diffs=tuple(worst.values()),
+        candidate_out, candidate_seconds = timed(candidate, feeds)
+        comparison.add(sample, reference_out, reference_seconds, candidate_out, candidate_seconds)
+    return comparison.report(
+        dataset,
+        reference_label=reference_label,
+        candidate_label=candidate_label,
+        time_candidate=time_candidate,
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -17,9 +16,12 @@ from detc.compiler._errors import BadInputError
 from detc.compiler._ort import ort_session, run_session
 from detc.compiler.datasets import CocoDataset
 from detc.compiler.detection_report import (
+    DetectionComparison,
     DetectionReport,
     Runner,
+    dataset_samples,
     evaluate_detection,
+    timed,
     write_atomically,
 )
 from detc.compiler.modelspec import ModelSpec, spec_from_onnx
@@ -361,66 +363,37 @@ def verify_quantized_detection(
         artifact, dataset, spec, max_images, emulate, device, num_threads
     )
     label = label.replace("detc", "detc int8", 1)
-    common: dict[str, Any] = {
-        "max_images": max_images,
-        "progress": progress,
-        "candidate_label": label,
-        # an emulated run proves numerics only: its time must never be read as latency
-        "time_candidate": not emulate,
-    }
-
-    def float_runner(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_session(float_session, feeds)
-
-    versus_float = evaluate_detection(
-        float_runner,
-        candidate,
-        dataset,
-        spec,
-        spec.decoder,
-        reference_label=f"onnxruntime ({Path(float_reference).name})",
-        **common,
-    )
-    # The second pass holds each image's quantized and float outputs until the artifact's
-    # arrive, so that the tensor criterion sees all three for the same image.
+    # One pass, each model once per image: the artifact against the float model (mAP drop)
+    # and against its quantized reference (boxes), and the int8 tensor criterion on all four.
+    # (float tolerances do not apply to int8 outputs: Int8Agreement holds the tensors)
+    versus_float = DetectionComparison(spec.decoder, spec, compare_tensors=False)
+    versus_quantized = DetectionComparison(spec.decoder, spec, compare_tensors=False)
     agreement = Int8Agreement()
-    Held = tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
-    pending: dict[str, Held] = {}
-
-    def others(feeds: Mapping[str, np.ndarray]) -> Held:
-        """The quantized reference's, the jittered reference's and the float model's outputs."""
-        return (
-            run_session(quantized_session, feeds),
-            run_session(jittered_session, feeds),
-            float_runner(feeds),
+    for sample in dataset_samples(dataset, spec, max_images, progress):
+        feeds = {spec.input_name: sample.tensor}
+        exact, float_seconds = timed(lambda f: run_session(float_session, f), feeds)
+        quantized, quantized_seconds = timed(lambda f: run_session(quantized_session, f), feeds)
+        jittered = run_session(jittered_session, feeds)
+        outputs, seconds = timed(candidate, feeds)
+        artifact_dets = versus_float.detections(outputs, sample)
+        versus_float.add(
+            sample, exact, float_seconds, outputs, seconds, candidate_dets=artifact_dets
         )
-
-    def quantized_runner(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        held = others(feeds)
-        pending.clear()
-        pending[_tensor_key(feeds)] = held
-        return held[0]
-
-    def checked_candidate(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = candidate(feeds)
-        key = _tensor_key(feeds)
-        quantized, jittered, exact = pending.pop(key) if key in pending else others(feeds)
+        versus_quantized.add(
+            sample, quantized, quantized_seconds, outputs, seconds, candidate_dets=artifact_dets
+        )
         agreement.add(outputs, quantized, jittered, exact if compare_with_float else None)
-        return outputs
-
-    versus_quantized = evaluate_detection(
-        quantized_runner,
-        checked_candidate,
-        dataset,
-        spec,
-        spec.decoder,
-        reference_label="onnxruntime (QDQ)",
-        **common,
+    # an emulated run proves numerics only: its time must never be read as latency
+    labels: dict[str, Any] = {"candidate_label": label, "time_candidate": not emulate}
+    float_report = versus_float.report(
+        dataset, reference_label=f"onnxruntime ({Path(float_reference).name})", **labels
     )
-    # Their tensor diffs hold int8 outputs to float tolerances: the int8 criterion replaces them.
+    quantized_report = versus_quantized.report(
+        dataset, reference_label="onnxruntime (QDQ)", **labels
+    )
     return QuantizedDetectionReport(
-        dataclasses.replace(versus_float, tensor_diffs=()),
-        dataclasses.replace(versus_quantized, tensor_diffs=()),
+        float_report,
+        quantized_report,
         tuple(agreement.results()),
         dict(record),
         budget,

@@ -254,6 +254,39 @@ def test_verify_with_data_compares_float_qdq_and_artifact(
     assert "mAP drop against float" in result.stderr + result.stdout
 
 
+def test_verify_with_data_runs_each_model_once_per_image(
+    int8_build: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The float model, the QDQ reference, its jittered copy and the artifact each run once
+    per image (the two comparisons share their outputs; they used to run the float model and
+    the artifact twice)."""
+    from detc.compiler import detection_verify
+    from detc.targets._runtime import CompiledModel
+
+    model_path, data, artifact = int8_build
+    calls = {"onnxruntime": 0, "artifact": 0}
+    count_session = detection_verify.run_session
+    count_artifact = CompiledModel.run
+
+    def counted_session(*args: object, **kwargs: object) -> object:
+        calls["onnxruntime"] += 1
+        return count_session(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counted_artifact(self: CompiledModel, feeds: object) -> object:
+        calls["artifact"] += 1
+        return count_artifact(self, feeds)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(detection_verify, "run_session", counted_session)
+    monkeypatch.setattr(CompiledModel, "run", counted_artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    report = detection_verify.verify_quantized_detection(
+        artifact, model_path, manifest, data, progress=False
+    )
+    images = report.versus_float.num_images
+    assert images == 6 and report.versus_quantized.num_images == images
+    assert calls == {"onnxruntime": 3 * images, "artifact": images}
+
+
 def test_map_budget_prefers_the_flag_then_the_compile_then_the_default() -> None:
     assert map_budget({"max_map_drop": 0.5}, 2.0) == (2.0, "--max-map-drop")
     assert map_budget({"max_map_drop": 0.5}, None) == (0.5, "the compile's max_map_drop")
