@@ -8,7 +8,7 @@ The function computes what onnxruntime's ``QLinearConv`` computes (MLAS), bit fo
 
 ``m`` is computed in float32 in that order, ``float(acc)`` rounds like ``cvtdq2ps``, the product
 is one float32 multiply (no FMA can form: nothing is added after it in float) and the rounding is
-``nearbyint`` under the default MXCSR mode, i.e. half to even, like ``cvtps2dq``.
+half to even, like ``cvtps2dq`` under the default MXCSR mode (:func:`quantized_output`).
 
 Since ``Σ (x - x_zp)·w = Σ x·w - x_zp·Σ w``, the kernel multiplies the raw 8-bit values and folds
 ``-x_zp·Σ w[c]`` into the bias at compile time; zero padding becomes padding with ``x_zp``.
@@ -56,7 +56,7 @@ import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from detc.kernels.fast_math import fast_sigmoid
+from detc.kernels.fast_math import exp_float32
 
 #: block annotation that marks the int8 convolution in a PrimFunc
 CONV_INT8_MARK = "detc.conv2d_int8"
@@ -183,6 +183,39 @@ def _packed_zero_point(zero_point: int, dtype: str) -> int:
 
 def _output_range(dtype: str) -> tuple[int, int]:
     return (-128, 127) if dtype == "int8" else (0, 255)
+
+
+#: 1.5 · 2^23. Float32 values in [2^23, 2^24) are spaced exactly 1 apart, so adding this to an
+#: x with |x| < 2^22 rounds x to an integer in the default mode (to nearest, ties to even, as
+#: ``nearbyint``), and the sum's bits are this constant's bits plus that integer.
+_ROUNDING_BIAS = 12582912.0
+_ROUNDING_BIAS_BITS = 0x4B400000
+
+
+def _round_half_even_to_int32(x: Any) -> Any:
+    """``int32(nearbyint(x))`` for a float32 |x| < 2^22 in two vector instructions.
+
+    Not ``tirx.nearbyint``: TVM 0.27 does not mark it vectorizable, so its loop vectorizer
+    turned every requantizing epilogue back into a scalar loop (which LLVM then vectorised
+    at 8 lanes, the target's preferred width, not the 16 of the schedule)."""
+    biased = tirx.reinterpret("int32", x + tirx.const(_ROUNDING_BIAS, "float32"))
+    return biased - tirx.const(_ROUNDING_BIAS_BITS, "int32")
+
+
+def quantized_output(value: Any, conv: QuantizedConv2d) -> Any:
+    """``value`` (float32, in units of the output scale) as the output integer, as
+    onnxruntime stores it: rounded half to even, plus the zero point, saturated to the output
+    type (at the zero point from below under a ReLU). The clamp comes first, in float, to keep
+    the rounding in range; its bounds are integers, so clamp-then-round equals MLAS's
+    round-then-saturate."""
+    low, high = _output_range(conv.output_dtype)
+    if conv.relu:
+        low = max(low, conv.output_zero_point)
+    lower = tirx.const(float(low - conv.output_zero_point), "float32")
+    upper = tirx.const(float(high - conv.output_zero_point), "float32")
+    clamped = tirx.max(tirx.min(value, upper), lower)
+    rounded = _round_half_even_to_int32(clamped) + conv.output_zero_point
+    return rounded.astype(conv.output_dtype)
 
 
 def pack_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
@@ -391,20 +424,9 @@ def _conv2d_int8_compute(
     if conv.float_output or conv.activation:
         return _dequantize_epilogue(acc, bias, multiplier, float_bias, conv, g, lanes)
 
-    low, high = _output_range(conv.output_dtype)
-    if conv.relu:
-        low = max(low, conv.output_zero_point)
-    # Clamping in float before the rounding keeps the float → int conversion defined; bounds
-    # are integers, so clamp-then-round equals round-then-saturate (what MLAS does).
-    lower = tirx.const(float(low - conv.output_zero_point), "float32")
-    upper = tirx.const(float(high - conv.output_zero_point), "float32")
-
     def requantize(n: Any, c: Any, h: Any, w: Any) -> Any:
         total = _accumulated(acc, g, lanes, n, c, h, w) + bias[c]
-        scaled = total.astype("float32") * multiplier[c]
-        clamped = tirx.max(tirx.min(scaled, upper), lower)
-        rounded = tirx.nearbyint(clamped).astype("int32") + conv.output_zero_point
-        return rounded.astype(conv.output_dtype)
+        return quantized_output(total.astype("float32") * multiplier[c], conv)
 
     return te.compute((g.batch, g.out_channels, g.out_h, g.out_w), requantize, name="requantize")
 
@@ -459,29 +481,26 @@ def _dequantize_epilogue(
         value = te.compute(shape, dequantize_pixels, name="dequantize")
     else:
         value = te.compute(acc.shape, dequantize_blocked, name="dequantize")
-    gate = fast_sigmoid(value)
-    silu = conv.activation == "silu"
+    # sigmoid(v) = 1 / (1 + exp(-v)). One division per output: SiLU's v · sigmoid(v) / scale
+    # becomes v / ((1 + exp(-v)) · scale). Per 16 outputs the exp and the divisions cost more
+    # than a small 1x1 convolution's dot products; rounding differs from onnxruntime's order
+    # in the last float bit, so an 8-bit result can differ by 1 at a rounding boundary.
+    exp_neg = te.compute(
+        value.shape, lambda *i: exp_float32(tirx.const(0.0, "float32") - value(*i)), name="exp"
+    )
+    numerator = value if conv.activation == "silu" else None
+    scale = (
+        None if conv.float_output else tirx.const(float(np.float32(conv.output_scale)), "float32")
+    )
 
-    def activation(*i: Any) -> Any:
-        return value(*i) * gate(*i) if silu else gate(*i)
-
-    out_dtype = conv.output_dtype
-    if conv.float_output:
-        activate = activation
-
-    else:
-        low, high = _output_range(out_dtype)
-        scale = tirx.const(float(np.float32(conv.output_scale)), "float32")
-        lower = tirx.const(float(low - conv.output_zero_point), "float32")
-        upper = tirx.const(float(high - conv.output_zero_point), "float32")
-
-        def activate(*i: Any) -> Any:
-            # QuantizeLinear as onnxruntime computes it: x / scale, round half to even,
-            # saturate (clamped in float first so the conversion is defined; integer bounds).
-            quotient = activation(*i) / scale
-            clamped = tirx.max(tirx.min(quotient, upper), lower)
-            rounded = tirx.nearbyint(clamped).astype("int32") + conv.output_zero_point
-            return rounded.astype(out_dtype)
+    def activate(*i: Any) -> Any:
+        denominator = tirx.const(1.0, "float32") + exp_neg(*i)
+        if scale is not None:
+            denominator = denominator * scale
+        top = numerator(*i) if numerator is not None else tirx.const(1.0, "float32")
+        quotient = top / denominator
+        # quantized as QuantizeLinear stores it: rounded half to even and saturated
+        return quotient if scale is None else quantized_output(quotient, conv)
 
     if pixels:
         return te.compute(shape, activate, name="requantize")

@@ -56,6 +56,7 @@ from detc.kernels.conv2d_int8 import (
     QuantizedConv2d,
     build_conv2d_int8,
     pack_weight,
+    quantized_output,
     schedule_conv2d_int8_tile,
 )
 
@@ -241,20 +242,9 @@ def _conv2d_int8_compute(
     if conv.float_output or conv.activation:
         return dequantize_epilogue(acc, bias, multiplier, float_bias, conv, g, LANES)
 
-    low, high = (-128, 127) if conv.output_dtype == "int8" else (0, 255)
-    if conv.relu:
-        low = max(low, conv.output_zero_point)
-    # Clamped in float before rounding (integer bounds: equals round-then-saturate, as MLAS),
-    # which keeps the float → int conversion in range.
-    lower = tirx.const(float(low - conv.output_zero_point), "float32")
-    upper = tirx.const(float(high - conv.output_zero_point), "float32")
-
     def requantize(n: Any, c: Any, h: Any, w: Any) -> Any:
         total = acc[n, c // LANES, h, w, c % LANES] + bias[c]
-        scaled = total.astype("float32") * multiplier[c]
-        clamped = tirx.max(tirx.min(scaled, upper), lower)
-        rounded = tirx.nearbyint(clamped).astype("int32") + conv.output_zero_point
-        return rounded.astype(conv.output_dtype)
+        return quantized_output(total.astype("float32") * multiplier[c], conv)
 
     out_shape = (g.batch, g.out_channels, g.out_h, g.out_w)
     return te.compute(out_shape, requantize, name="requantize")
