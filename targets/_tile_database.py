@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from detc.kernels._int8_tiles import TileChooser, describe, workload_key
 from detc.kernels.conv2d_int8 import QuantizedConv2d, Tiles
 from detc.targets._database import INT8_TILES_FILE, append_lines, locked
 from detc.targets._database import target_key as database_target_key
+from detc.targets._runtime import configure_threads
 
 logger = logging.getLogger("detc.targets")
 
@@ -36,13 +38,26 @@ def target_key(target: tvm.target.Target) -> str:
     )
 
 
+def measuring_threads(target: tvm.target.Target) -> int:
+    """The thread count the kernels are built for (``num-cores``), which measurements must
+    run with: the best tile on one thread is not the best on two (yolov5n's first layer: the
+    tile chosen on one thread ran 1.8x slower on two than the default)."""
+    cores = target.export().get("num-cores")
+    return int(cores) if cores else (os.cpu_count() or 1)
+
+
 class TileDatabase:
-    """``int8_tiles.jsonl`` of one tuning database directory, seen for one target."""
+    """``int8_tiles.jsonl`` of one tuning database directory, seen for one target.
+
+    Entries carry the thread count they were measured with; those without one (measured on
+    TVM's default pool, one thread on a 2-core x86 machine, before detc configured it) or with
+    another are not used."""
 
     def __init__(self, directory: Path, target: tvm.target.Target) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.target = target_key(target)
+        self.threads = measuring_threads(target)
         self.best: dict[str, tuple[Tiles, float]] = {}
         self.reload()
 
@@ -60,6 +75,8 @@ class TileDatabase:
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
             if not isinstance(entry, dict) or entry.get("target") != self.target:
+                continue
+            if entry.get("threads") != self.threads:
                 continue
             key, tiles, seconds = entry.get("workload"), entry.get("tiles"), entry.get("run_s")
             if not isinstance(key, str) or not isinstance(tiles, dict):
@@ -80,6 +97,7 @@ class TileDatabase:
             "tiles": tiles,
             "run_s": seconds,
             "candidates": candidates,
+            "threads": self.threads,
         }
         line = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
         with locked(self.directory, exclusive=True):
@@ -118,6 +136,9 @@ def tile_chooser(
         if len(candidates) < 2:
             return None
         started = time.monotonic()
+        # TVM's pool in this (compiling) process has whatever size it started with: one
+        # thread on a 2-core x86 machine unless configured
+        configure_threads(database.threads)
         measured = tiles.measure_tiles(data_shape, conv, target, candidates)
         if on_search is not None:
             on_search(time.monotonic() - started)

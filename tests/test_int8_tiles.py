@@ -24,6 +24,7 @@ from detc.kernels.conv2d_int8 import (  # noqa: E402
 )
 from detc.targets._database import INT8_TILES_FILE as TILES_FILE  # noqa: E402
 from detc.targets._database import TuningDatabase, import_records  # noqa: E402
+from detc.targets._runtime import configure_threads  # noqa: E402
 from detc.targets._tile_database import TileDatabase, tile_chooser  # noqa: E402
 
 #: an AVX512-VNNI CPU: the kernels are compiled for it; run only where the host has VNNI
@@ -173,6 +174,38 @@ def test_tile_database_keeps_the_fastest_per_workload_and_target(tmp_path: Path)
     assert reread.lookup("w1") == fast
     assert reread.lookup("w2") is None
     assert TileDatabase(tmp_path, other).lookup("w1") == slow
+
+
+def test_tiles_measured_with_another_thread_count_are_not_used(tmp_path: Path) -> None:
+    """A tile is the fastest for the thread count it was measured with; entries without one
+    were measured on TVM's default pool (one thread here) for two-thread builds."""
+    target = tvm.target.Target({**VNNI_TARGET, "num-cores": 2})
+    tiles = {"layout": CHANNELS, "oc_tile": 2, "ow_tile": 10}
+    entry = {"workload": "w1", "target": TileDatabase(tmp_path, target).target, "tiles": tiles}
+    with open(tmp_path / TILES_FILE, "a") as handle:
+        handle.write(json.dumps({**entry, "run_s": 1e-3}) + "\n")
+        handle.write(json.dumps({**entry, "run_s": 1e-3, "threads": 1}) + "\n")
+    assert TileDatabase(tmp_path, target).lookup("w1") is None
+    TileDatabase(tmp_path, target).add("w1", tiles, 2e-3, 5)
+    assert TileDatabase(tmp_path, target).lookup("w1") == tiles
+    assert json.loads((tmp_path / TILES_FILE).read_text().splitlines()[-1])["threads"] == 2
+
+
+def test_chooser_measures_with_the_targets_thread_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+
+    def measure(_shape: object, _conv: object, _target: object, candidates: list) -> list:
+        seen.append(int(tvm.runtime.num_threads()))
+        return [(candidates[0], 1e-3)]
+
+    monkeypatch.setattr(tiles_module, "measure_tiles", measure)
+    conv = _conv(np.random.default_rng(5), 8, 16, 1)
+    target = tvm.target.Target({**VNNI_TARGET, "num-cores": 2})
+    configure_threads(1)  # as TVM's default pool starts on a 2-core x86 machine
+    tile_chooser(tmp_path, search=True)((1, 8, 4, 32), conv, target)
+    assert seen == [2]
 
 
 def test_exported_tuning_database_carries_the_int8_tiles(tmp_path: Path) -> None:
