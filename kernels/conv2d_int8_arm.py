@@ -253,6 +253,26 @@ def _conv2d_int8_compute(
 # ---- the tensor intrinsics ---------------------------------------------------------------------
 
 
+def _pair_products(pixel: Any, weights: Any, first_channel: int) -> Any:
+    """Half of the widening step: the pixel's 4 bytes times the 4 weights of output channels
+    ``first_channel`` and ``first_channel + 1`` (8 int16 products, exact, ``smull``), adjacent
+    pairs summed into 4 int32 (``saddlp``). An expression the TVMScript body splices in, not a
+    named temporary (TVM would serve that from the heap at every tile)."""
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id(_SADDLP),
+        T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(_SMULL),
+            T.reinterpret(
+                T.broadcast(T.reinterpret(pixel.vload([0], "int8x4"), dtype="int32"), 2),
+                dtype="int8x8",
+            ),
+            weights.vload([first_channel, 0], dtype="int8x8"),
+            dtype="int16x8",
+        ),
+        dtype="int32x4",
+    )
+
+
 @functools.cache
 def _register_dot_intrinsic(dotprod: bool) -> str:
     """Register the 4 × 4 s8·s8 → s32 dot product step (once per process): one ``sdot`` with
@@ -310,32 +330,8 @@ def _register_dot_intrinsic(dotprod: bool) -> str:
             # tile (see detc.kernels.conv2d_int8); LLVM merges the repeated pixel broadcast.
             c[T.ramp(T.int32(0), 1, 4)] = c.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(_ADDP),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(_SADDLP),
-                    T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id(_SMULL),
-                        T.reinterpret(
-                            T.broadcast(T.reinterpret(a.vload([0], "int8x4"), dtype="int32"), 2),
-                            dtype="int8x8",
-                        ),
-                        b.vload([0, 0], dtype="int8x8"),
-                        dtype="int16x8",
-                    ),
-                    dtype="int32x4",
-                ),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(_SADDLP),
-                    T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id(_SMULL),
-                        T.reinterpret(
-                            T.broadcast(T.reinterpret(a.vload([0], "int8x4"), dtype="int32"), 2),
-                            dtype="int8x8",
-                        ),
-                        b.vload([2, 0], dtype="int8x8"),
-                        dtype="int16x8",
-                    ),
-                    dtype="int32x4",
-                ),
+                _pair_products(a, b, 0),
+                _pair_products(a, b, 2),
                 dtype="int32x4",
             )
 
