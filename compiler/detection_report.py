@@ -327,8 +327,11 @@ class DetectionComparison:
         reference_label: str = "reference",
         candidate_label: str = "candidate",
         time_candidate: bool = True,
+        candidate_metrics: CocoMetrics | None = None,
     ) -> DetectionReport:
-        """COCO metrics of both and their agreement over the images added so far."""
+        """COCO metrics of both and their agreement over the images added so far.
+        ``candidate_metrics``: the candidate's, when another comparison of the same candidate
+        detections has evaluated them already."""
         category_ids = category_ids_for(self.spec, dataset)
         images = max(len(self.reference_dets), 1)
         reference = RunnerSummary(
@@ -339,9 +342,11 @@ class DetectionComparison:
         candidate = None
         agreement = None
         if self.candidate_dets:
+            if candidate_metrics is None:
+                candidate_metrics = evaluate_coco(self.candidate_dets, dataset, category_ids)
             candidate = RunnerSummary(
                 candidate_label,
-                evaluate_coco(self.candidate_dets, dataset, category_ids),
+                candidate_metrics,
                 self.candidate_seconds / images if time_candidate else None,
             )
             agreement = aggregate_agreement(

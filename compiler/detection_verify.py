@@ -388,8 +388,13 @@ def verify_quantized_detection(
     float_report = versus_float.report(
         dataset, reference_label=f"onnxruntime ({Path(float_reference).name})", **labels
     )
+    # the same artifact detections: evaluated once
+    artifact_summary = float_report.candidate
     quantized_report = versus_quantized.report(
-        dataset, reference_label="onnxruntime (QDQ)", **labels
+        dataset,
+        reference_label="onnxruntime (QDQ)",
+        candidate_metrics=artifact_summary.metrics if artifact_summary is not None else None,
+        **labels,
     )
     return QuantizedDetectionReport(
         float_report,
