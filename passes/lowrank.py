@@ -730,16 +730,24 @@ def _emit(
         inputs = [source, constant(f"{suffix}_weight", weight)]
         if bias_array is not None:
             inputs.append(constant(f"{suffix}_bias", bias_array))
-        created = ir.node("Conv", inputs, attributes=attributes, name=f"{label}/lowrank_{suffix}")
+        name = f"{label}/lowrank_{suffix}"
+        # named outputs: onnxruntime profiles and error messages show the layer, not "val_17"
+        output = ir.Value(name=f"{name}_output_0")
+        created = ir.node("Conv", inputs, attributes=attributes, name=name, outputs=[output])
         new_nodes.append(created)
-        return created.outputs[0]
+        return output
 
     if layer.kind == "dense":
         first, second = factors
         hidden = _dense(node, x, constant("u_weight", first), new_nodes, label, "u")
         out = _dense(node, hidden, constant("v_weight", second), new_nodes, label, "v")
         if bias is not None and np.any(bias):
-            add = ir.node("Add", [out, constant("bias", bias)], name=f"{label}/lowrank_bias")
+            add = ir.node(
+                "Add",
+                [out, constant("bias", bias)],
+                name=f"{label}/lowrank_bias",
+                outputs=[ir.Value(name=f"{label}/lowrank_bias_output_0")],
+            )
             new_nodes.append(add)
             out = add.outputs[0]
     else:
@@ -801,15 +809,17 @@ def _dense(
     node: ir.Node, x: ir.Value, weight: ir.Value, sink: list[ir.Node], label: str, suffix: str
 ) -> ir.Value:
     """y = x @ weight^T as the node's own op: Gemm(transB=1) or MatMul of the transpose."""
+    name = f"{label}/lowrank_{suffix}"
+    output = ir.Value(name=f"{name}_output_0")
     if node.op_type == "Gemm":
         created = ir.node(
-            "Gemm", [x, weight], attributes={"transB": 1}, name=f"{label}/lowrank_{suffix}"
+            "Gemm", [x, weight], attributes={"transB": 1}, name=name, outputs=[output]
         )
     else:
         array = weight.const_value.numpy() if weight.const_value is not None else None
         assert array is not None
         weight.const_value = ir.tensor(np.ascontiguousarray(array.T), name=weight.name)
         weight.shape = ir.Shape(array.T.shape)
-        created = ir.node("MatMul", [x, weight], name=f"{label}/lowrank_{suffix}")
+        created = ir.node("MatMul", [x, weight], name=name, outputs=[output])
     sink.append(created)
     return created.outputs[0]

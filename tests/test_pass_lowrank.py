@@ -147,6 +147,14 @@ def test_full_rank_reproduces_the_conv(
     assert pass_.report is not None
     decided = {d.name: d.form for d in pass_.report.layers}
     assert decided["q"] == form
+    # every factor's output is named after the layer it replaces (profiles show the layer)
+    factor_nodes = [node for node in model.graph if "lowrank" in (node.name or "")]
+    factor_outputs = [value.name for node in factor_nodes for value in node.outputs]
+    replaced_outputs = {"p", "q"}  # the last factor takes over the layer's own output
+    assert factor_outputs and all(
+        name in replaced_outputs or (name or "").startswith(("p/lowrank_", "q/lowrank_"))
+        for name in factor_outputs
+    )
 
 
 @pytest.mark.parametrize("op, trans_b", [("Gemm", 0), ("Gemm", 1), ("MatMul", 0)])
