@@ -194,8 +194,9 @@ def compile_model(
     target_options: Mapping[str, Any] | None = None,
 ) -> CompileResult:
     """Compile a model for ``target`` into an artifact directory (written atomically)."""
-    from detc.targets import build_artifact
+    from detc.targets import build_artifact, resolve_target
 
+    resolve_target(target)  # a misspelt target fails now, not after minutes of passes
     loaded, run = optimize(
         source,
         pipeline,

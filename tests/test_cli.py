@@ -95,6 +95,16 @@ def test_unknown_pass_exits_2_and_lists_known(model_path: Path, tmp_path: Path) 
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_compile_refuses_an_unknown_target_before_running_any_pass(
+    model_path: Path, tmp_path: Path
+) -> None:
+    result = detc("compile", str(model_path), "--target", "sparc", "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "unknown target 'sparc'" in result.stderr
+    assert "fold-conv-bn" not in result.stderr  # no pass ran (the pass table lists each one)
+    assert not (tmp_path / "out").exists()
+
+
 def test_opt_removes_batchnorm_and_matches_onnxruntime(
     model_path: Path, tmp_path: Path, rng: np.random.Generator
 ) -> None:
