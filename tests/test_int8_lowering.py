@@ -526,3 +526,27 @@ def test_x86_target_builds_a_qdq_model_with_the_int8_kernel(tuned: bool, tmp_pat
     )
     got = load_artifact(tmp_path / "out", num_threads=2)(x)
     np.testing.assert_array_equal(next(iter(got.values())), run_onnxruntime(model, x))
+
+
+def test_quantize_between_int8_kernels_rounds_ties_to_even_like_onnxruntime() -> None:
+    """The glue's QuantizeLinear (TVM's own legalization) must round x/scale = k + 0.5 as
+    onnxruntime does, to the even neighbour: half away from zero would differ by 1 at each tie."""
+    scale, zero_point = 0.5, 128
+    ties = (np.arange(-40, 40, dtype=np.float32) + 0.5) * scale  # x / scale = k + 0.5 exactly
+    x = np.concatenate([ties, ties[::-1] + 0.125]).reshape(1, 2, 8, 10).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], name="quantize")],
+        "quantize_ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, list(x.shape))],
+        [
+            numpy_helper.from_array(np.asarray(scale, np.float32), "s"),
+            numpy_helper.from_array(np.asarray(zero_point, np.uint8), "z"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    vm, _, _ = compile_int8(model)
+    got, expected = run_tvm(vm, x), run_onnxruntime(model, x)
+    assert got.dtype == expected.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+    assert np.all(expected[0, 0].ravel().astype(np.int32) % 2 == 0)  # every tie went to even
