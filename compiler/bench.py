@@ -105,7 +105,9 @@ def bench_interleaved(
         if progress and bar is None and time.perf_counter() - started > 2.0:
             from tqdm import tqdm
 
-            bar = tqdm(total=runs, initial=i + 1, desc="bench", unit="round", leave=False)
+            bar = tqdm(  # disable=None: only on a terminal, not in CI logs
+                total=runs, initial=i + 1, desc="bench", unit="round", leave=False, disable=None
+            )
         elif bar is not None:
             bar.update(1)
     if bar is not None:

@@ -382,7 +382,8 @@ def dataset_samples(
         desc="detection check",
         unit="img",
         file=sys.stderr,
-        disable=not progress,
+        # None: tqdm's "only on a terminal" (a CI log would get every redraw)
+        disable=None if progress else True,
         leave=False,
     )
     try:

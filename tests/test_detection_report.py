@@ -132,6 +132,14 @@ def test_identical_candidate(dataset: CocoDataset) -> None:
     assert report.agreement is not None and report.agreement.agreement == 1.0
 
 
+def test_progress_bar_stays_out_of_logs(
+    dataset: CocoDataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """progress=True draws a bar on a terminal only: in a CI log every redraw would be a line."""
+    evaluate_detection(reference_runner, reference_runner, dataset, SPEC, progress=True)
+    assert "detection check" not in capsys.readouterr().err  # captured stderr is not a terminal
+
+
 def test_reference_only_and_max_images(dataset: CocoDataset, tmp_path: Path) -> None:
     report = evaluate_detection(reference_runner, None, dataset, SPEC, max_images=2, progress=False)
     assert report.num_images == 2 and report.candidate is None
