@@ -34,7 +34,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -400,6 +400,11 @@ class PrunePass(DetcPass):
             )
             original = to_proto(model)
             report.calib_images = len(feeds)
+            logger.info(
+                "prune: statistics of %d candidate groups on %d calibration images",
+                len(candidates),
+                len(feeds),
+            )
             stats = _Statistics.collect(original, cg, candidates, geometry, feeds, opts)
 
         cost = _MacModel(cg, node_macs, macs_before)
@@ -412,6 +417,11 @@ class PrunePass(DetcPass):
             probe = _OutputProbe(model, cg, feeds[: opts.probe_images], opts.spec)
             report.probe_metric = probe.metric
             report.probe_images = min(opts.probe_images, len(feeds))
+            logger.info(
+                "prune: cutting each of %d groups alone at a few depths, on %d images",
+                len(candidates),
+                report.probe_images,
+            )
         report.allocation = allocation if opts.scope == "global" else "uniform per layer"
         keep = _allocate(candidates, rankings, cost, stats, cg, opts, probe)
         if probe is not None:
@@ -458,6 +468,14 @@ class PrunePass(DetcPass):
         report.seconds = time.perf_counter() - started
         logger.info("%s", report.table())
         return PassResult(model, True)
+
+
+def _terminal_progress(items: Sequence[Any], desc: str, unit: str) -> Iterator[Any]:
+    """``items`` under a progress bar on a terminal (a minutes-long step must show it is alive);
+    nothing in a log, where the stage's own log line says what runs."""
+    from tqdm import tqdm
+
+    yield from tqdm(items, desc=desc, unit=unit, leave=False, disable=None)
 
 
 def _why_not_prunable(group: ChannelGroup, multiple: int) -> str | None:
@@ -710,7 +728,7 @@ def _allocate(
             g.index: _measure_curve(
                 g, rankings[g.index], floor[g.index], cg, stats, probe, cost, opts
             )
-            for g in groups
+            for g in _terminal_progress(groups, "prune: trial cuts", "group")
         }
         return _greedy(groups, rankings, cost, floor, opts, lambda g, kept: curves[g.index](kept))
     cache: dict[tuple[int, int], float] = {}
@@ -1238,7 +1256,13 @@ def _recover(
             for refit in cut.values()
         ]
     fits: list[LayerFit] = []
-    for batch in _refit_levels(model.graph, cg, removed, stats, cut, opts.downstream):
+    levels = _refit_levels(model.graph, cg, removed, stats, cut, opts.downstream)
+    logger.info(
+        "prune: refitting %d Convs in %d levels (one calibration run per level)",
+        sum(len(batch) for batch in levels),
+        len(levels),
+    )
+    for batch in _terminal_progress(levels, "prune: refit", "level"):
         for refit, (fit, held) in zip(batch, _measure(model, batch, stats, feeds), strict=True):
             fits.append(_apply_fit(model.graph, refit, fit, held, opts.ridge))
     return fits
