@@ -62,7 +62,7 @@ from detc.kernels.fast_math import exp_float32
 CONV_INT8_MARK = "detc.conv2d_int8"
 #: input channels one ``vpdpbusd`` lane reduces
 REDUCE_BLOCK = 4
-#: accumulator layouts (:class:`_Geometry`)
+#: accumulator layouts (:class:`Geometry`)
 CHANNELS = "channels"
 PIXELS = "pixels"
 #: the schedule's knobs: ``layout`` (CHANNELS or PIXELS), ``oc_tile``, ``ow_tile``
@@ -137,6 +137,15 @@ class QuantizedConv2d:
     @property
     def float_output(self) -> bool:
         return self.output_dtype == "float32"
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(out_h, out_w) of this convolution on an image of ``height`` × ``width``."""
+        (kernel_h, kernel_w), (stride_h, stride_w) = self.weight.shape[2:], self.strides
+        dilation_h, dilation_w = self.dilation
+        top, left, bottom, right = self.padding
+        out_h = (height + top + bottom - (kernel_h - 1) * dilation_h - 1) // stride_h + 1
+        out_w = (width + left + right - (kernel_w - 1) * dilation_w - 1) // stride_w + 1
+        return out_h, out_w
 
     def requant_multiplier(self) -> np.ndarray:
         """float32 [OC]: ``x_scale * w_scale / y_scale``, evaluated in float32 left to right as
@@ -246,7 +255,7 @@ def _pad_channels(values: np.ndarray, lanes: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Geometry:
+class Geometry:
     batch: int
     in_channels: int
     height: int
@@ -276,16 +285,12 @@ class _Geometry:
 
 def _geometry(
     data_shape: tuple[int, ...], conv: QuantizedConv2d, isa: Int8Isa, tiles: Tiles | None
-) -> _Geometry:
+) -> Geometry:
     batch, in_channels, height, width = data_shape
     out_channels, weight_in, kernel_h, kernel_w = conv.weight.shape
     if weight_in != in_channels:
         raise ValueError(f"weight {conv.weight.shape} does not match data {data_shape}")
-    stride_h, stride_w = conv.strides
-    dilation_h, dilation_w = conv.dilation
-    top, left, bottom, right = conv.padding
-    out_h = (height + top + bottom - (kernel_h - 1) * dilation_h - 1) // stride_h + 1
-    out_w = (width + left + right - (kernel_w - 1) * dilation_w - 1) // stride_w + 1
+    out_h, out_w = conv.output_size(height, width)
     chosen = dict(tiles or {})
     layout = str(chosen.get("layout") or CHANNELS)
     if layout == PIXELS:
@@ -305,10 +310,10 @@ def _geometry(
         if out_blocks % oc_tile:
             raise ValueError(f"oc_tile {oc_tile} does not divide {out_blocks} channel blocks")
         budget = (isa.registers * 3 // 4) // oc_tile
-        ow_tile = int(chosen.get("ow_tile") or _pick_ow_tile(out_w, budget))
+        ow_tile = int(chosen.get("ow_tile") or pick_ow_tile(out_w, budget))
     else:
         raise ValueError(f"unknown accumulator layout {layout!r} ({CHANNELS}, {PIXELS})")
-    return _Geometry(
+    return Geometry(
         batch,
         in_channels,
         height,
@@ -336,7 +341,7 @@ def flattens_pixels(conv: QuantizedConv2d) -> bool:
     return conv.weight.shape[2:] == (1, 1) and conv.strides == (1, 1) and not any(conv.padding)
 
 
-def _pick_ow_tile(out_w: int, budget: int) -> int:
+def pick_ow_tile(out_w: int, budget: int) -> int:
     """The pixel tile: as wide as the register budget allows, wasting the fewest padded pixels
     (the last tile of a row is computed on padding when the tile does not divide the row)."""
     budget = max(1, min(budget, out_w))
@@ -344,31 +349,21 @@ def _pick_ow_tile(out_w: int, budget: int) -> int:
     return min(candidates, key=lambda t: (-(-out_w // t) * t - out_w, -t))
 
 
-def _conv2d_int8_compute(
-    data: te.Tensor,
-    kernel: te.Tensor,
-    bias: te.Tensor,
-    multiplier: te.Tensor,
-    float_bias: te.Tensor | None,
-    conv: QuantizedConv2d,
-    geometry: _Geometry,
-    lanes: int,
-) -> te.Tensor:
-    """pack → int32 convolution (register tile) → requantize (or dequantize), NCHW in and
-    out."""
-    g = geometry
+def packed_input(data: te.Tensor, conv: QuantizedConv2d, g: Geometry, dtype: str) -> te.Tensor:
+    """``[N, C, H, W]`` → ``[N, C/4, H', W', 4]`` of ``dtype``: four input channels per 32-bit
+    word, what one dot-product step reads. ``H'``, ``W'`` cover every row and column the padded
+    output reads (past the image on the right where the output width is padded to whole
+    tiles); outside the image, and in the channels that pad C to a multiple of 4, it holds the
+    input zero point. Data of the other signedness is shifted by ±128 (exact; the folded bias
+    makes up for it)."""
     stride_h, stride_w = conv.strides
     dilation_h, dilation_w = conv.dilation
     top, left, _, _ = conv.padding
     in_blocks = -(-g.in_channels // REDUCE_BLOCK)
-    out_blocks = -(-g.out_channels // lanes)
-    # Rows and columns the packed input must cover: the padded output width reads past the
-    # image on the right; everything outside the image reads the input zero point.
     packed_h = (g.out_h - 1) * stride_h + (g.kernel_h - 1) * dilation_h + 1
     packed_w = (g.padded_out_w - 1) * stride_w + (g.kernel_w - 1) * dilation_w + 1
-    zero_point = _packed_zero_point(conv.input_zero_point, conv.input_dtype)
-    signed_input = conv.input_dtype == "int8"
-
+    shift = 0 if conv.input_dtype == dtype else (128 if dtype == "uint8" else -128)
+    zero_point = int(conv.input_zero_point) + shift
     whole_blocks = g.in_channels % REDUCE_BLOCK == 0
 
     def pack(n: Any, cb: Any, h: Any, w: Any, c: Any) -> Any:
@@ -382,13 +377,23 @@ def _conv2d_int8_compute(
         else:
             inside = tirx.all(y >= 0, y < g.height, x >= 0, x < g.width, channel < g.in_channels)
             value = data[n, tirx.min(channel, g.in_channels - 1), y, x]
-        if signed_input:
-            value = (value.astype("int32") + 128).astype("uint8")
-        return tirx.if_then_else(inside, value, tirx.const(zero_point, "uint8"))
+        if shift:
+            value = (value.astype("int32") + shift).astype(dtype)
+        return tirx.if_then_else(inside, value, tirx.const(zero_point, dtype))
 
-    packed = te.compute((g.batch, in_blocks, packed_h, packed_w, REDUCE_BLOCK), pack, name="pack")
+    shape = (g.batch, in_blocks, packed_h, packed_w, REDUCE_BLOCK)
+    return te.compute(shape, pack, name="pack")
 
-    icb = te.reduce_axis((0, in_blocks), name="icb")
+
+def channel_layout_sum(
+    packed: te.Tensor, kernel: te.Tensor, conv: QuantizedConv2d, g: Geometry, lanes: int
+) -> te.Tensor:
+    """The int32 accumulator ``[N, OC/lanes, OH, OW', lanes]``: for each output pixel and
+    block of ``lanes`` output channels, the sum over input-channel words, kernel rows and
+    columns and the 4 channels of a word (one dot-product step per word)."""
+    stride_h, stride_w = conv.strides
+    dilation_h, dilation_w = conv.dilation
+    icb = te.reduce_axis((0, packed.shape[1]), name="icb")
     kh = te.reduce_axis((0, g.kernel_h), name="kh")
     kw = te.reduce_axis((0, g.kernel_w), name="kw")
     ic = te.reduce_axis((0, REDUCE_BLOCK), name="ic")
@@ -400,27 +405,51 @@ def _conv2d_int8_compute(
             axis=[icb, kh, kw, ic],
         )
 
-    def accumulate_pixels(n: Any, c: Any, oh: Any, ow: Any) -> Any:
-        # stride 1 along the width: ``lanes`` neighbouring ``ow`` read neighbouring pixels
+    out_blocks = -(-g.out_channels // lanes)
+    return te.compute(
+        (g.batch, out_blocks, g.out_h, g.padded_out_w, lanes),
+        accumulate,
+        name="conv2d_int8",
+        attrs={CONV_INT8_MARK: 1},
+    )
+
+
+def _pixel_layout_sum(
+    packed: te.Tensor, kernel: te.Tensor, conv: QuantizedConv2d, g: Geometry
+) -> te.Tensor:
+    """The int32 accumulator ``[N, OC', OH, OW']`` of the pixel layout (stride 1 along the
+    width): ``lanes`` neighbouring ``ow`` read neighbouring packed pixels."""
+    stride_h = conv.strides[0]
+    dilation_h, dilation_w = conv.dilation
+    icb = te.reduce_axis((0, packed.shape[1]), name="icb")
+    kh = te.reduce_axis((0, g.kernel_h), name="kh")
+    kw = te.reduce_axis((0, g.kernel_w), name="kw")
+    ic = te.reduce_axis((0, REDUCE_BLOCK), name="ic")
+
+    def accumulate(n: Any, c: Any, oh: Any, ow: Any) -> Any:
         pixel = packed[n, icb, oh * stride_h + kh * dilation_h, ow + kw * dilation_w, ic]
         weight = kernel[c // g.oc_tile, icb, kh, kw, c % g.oc_tile, ic]
         return te.sum(pixel.astype("int32") * weight.astype("int32"), axis=[icb, kh, kw, ic])
 
-    if g.layout == PIXELS:
-        acc = te.compute(
-            (g.batch, g.padded_out_channels, g.out_h, g.padded_out_w),
-            accumulate_pixels,
-            name="conv2d_int8",
-            attrs={CONV_INT8_MARK: 1},
-        )
-    else:
-        acc = te.compute(
-            (g.batch, out_blocks, g.out_h, g.padded_out_w, lanes),
-            accumulate,
-            name="conv2d_int8",
-            attrs={CONV_INT8_MARK: 1},
-        )
+    return te.compute(
+        (g.batch, g.padded_out_channels, g.out_h, g.padded_out_w),
+        accumulate,
+        name="conv2d_int8",
+        attrs={CONV_INT8_MARK: 1},
+    )
 
+
+def output_stage(
+    acc: te.Tensor,
+    bias: te.Tensor,
+    multiplier: te.Tensor,
+    float_bias: te.Tensor | None,
+    conv: QuantizedConv2d,
+    g: Geometry,
+    lanes: int,
+) -> te.Tensor:
+    """The accumulator to the NCHW output: requantized (``round(float(Σ + bias) · m)``), or
+    through the float epilogue when the output is float or an activation comes first."""
     if conv.float_output or conv.activation:
         return _dequantize_epilogue(acc, bias, multiplier, float_bias, conv, g, lanes)
 
@@ -431,7 +460,27 @@ def _conv2d_int8_compute(
     return te.compute((g.batch, g.out_channels, g.out_h, g.out_w), requantize, name="requantize")
 
 
-def _accumulated(acc: te.Tensor, g: _Geometry, lanes: int, n: Any, c: Any, h: Any, w: Any) -> Any:
+def _conv2d_int8_compute(
+    data: te.Tensor,
+    kernel: te.Tensor,
+    bias: te.Tensor,
+    multiplier: te.Tensor,
+    float_bias: te.Tensor | None,
+    conv: QuantizedConv2d,
+    geometry: Geometry,
+    lanes: int,
+) -> te.Tensor:
+    """pack (unsigned, for ``vpdpbusd``) → int32 convolution (register tile) → requantize (or
+    dequantize), NCHW in and out."""
+    packed = packed_input(data, conv, geometry, "uint8")
+    if geometry.layout == PIXELS:
+        acc = _pixel_layout_sum(packed, kernel, conv, geometry)
+    else:
+        acc = channel_layout_sum(packed, kernel, conv, geometry, lanes)
+    return output_stage(acc, bias, multiplier, float_bias, conv, geometry, lanes)
+
+
+def _accumulated(acc: te.Tensor, g: Geometry, lanes: int, n: Any, c: Any, h: Any, w: Any) -> Any:
     """The int32 sum of output ``(n, c, h, w)`` in either accumulator layout."""
     if g.layout == PIXELS:
         return acc[n, c, h, w]
@@ -444,7 +493,7 @@ def _dequantize_epilogue(
     multiplier: te.Tensor,
     float_bias: te.Tensor | None,
     conv: QuantizedConv2d,
-    g: _Geometry,
+    g: Geometry,
     lanes: int,
 ) -> te.Tensor:
     """float(Σ + bias) · x_scale·w_scale [+ float bias] [→ activation] [→ quantize].
@@ -627,7 +676,7 @@ ReduceStep = Callable[[tvm.s_tir.Schedule, Any, Any, Any, Any], None]
 
 
 def schedule_conv2d_int8_tile(
-    func: tvm.tirx.PrimFunc, geometry: _Geometry, isa_name: str, reduce_step: ReduceStep
+    func: tvm.tirx.PrimFunc, geometry: Geometry, isa_name: str, reduce_step: ReduceStep
 ) -> tvm.tirx.PrimFunc:
     """The schedule every int8 kernel shares (x86 and aarch64): register-tiled, parallel over
     (batch, channel tiles, rows); the epilogue runs on each finished tile; ``reduce_step``
@@ -676,7 +725,7 @@ def schedule_conv2d_int8_tile(
 
 
 def _schedule_conv2d_int8(
-    func: tvm.tirx.PrimFunc, isa: Int8Isa, geometry: _Geometry
+    func: tvm.tirx.PrimFunc, isa: Int8Isa, geometry: Geometry
 ) -> tvm.tirx.PrimFunc:
     """x86: the dot product tensorized with ``vpdpbusd`` when ``isa.vnni``, else left to
     LLVM's vectoriser (exact ``vpmaddwd``)."""
@@ -697,7 +746,7 @@ def _schedule_conv2d_int8(
 
 
 def _schedule_conv2d_int8_pixels(
-    func: tvm.tirx.PrimFunc, isa: Int8Isa, geometry: _Geometry
+    func: tvm.tirx.PrimFunc, isa: Int8Isa, geometry: Geometry
 ) -> tvm.tirx.PrimFunc:
     """The pixel layout (x86 with VNNI): a tile of ``oc_tile`` channels × ``ow_tile`` pixels
     (``ow_tile / lanes`` vectors), parallel over every tile; the epilogue runs on each

@@ -11,7 +11,7 @@ what onnxruntime's ``QLinearConv`` computes::
 multiply and the rounding ``frinti`` under the default FPCR mode (half to even): the same IEEE
 operations, in the same order, as on x86. A float epilogue (a float32 output, or an
 activation fused before the quantize) is built by the x86 kernel's own code
-(``_dequantize_epilogue``): ``float(acc) · x_scale·w_scale`` [+ float bias] [→ activation]
+(``output_stage``): ``float(acc) · x_scale·w_scale`` [+ float bias] [→ activation]
 [→ ``/ y_scale``, round half to even, saturate].
 
 The ARM dot products are signed × signed (``sdot``; ``smull`` without it), so the packed data is
@@ -44,26 +44,27 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import te, tirx
+from tvm import te
 from tvm.script import tirx as T
 
+# Packing, the int32 sum and the output stage (requantize, or the float epilogue) are the x86
+# kernel's own computation, so that both architectures compute the same integer and float
+# operations in the same order by construction; only the packed data's signedness, the lanes
+# and the tensor intrinsics differ.
 from detc.kernels.conv2d_int8 import (
-    CONV_INT8_MARK,
     OPAQUE_PATTERN,
-    REDUCE_BLOCK,
+    Geometry,
     Int8Isa,
     Int8Kernel,
     QuantizedConv2d,
     build_conv2d_int8,
+    channel_layout_sum,
+    output_stage,
     pack_weight,
-    quantized_output,
+    packed_input,
+    pick_ow_tile,
     schedule_conv2d_int8_tile,
 )
-
-# The float epilogue (dequantize [→ activation] [→ quantize]) is the x86 kernel's own code, so
-# that both architectures compute the same float operations in the same order by construction.
-from detc.kernels.conv2d_int8 import _dequantize_epilogue as dequantize_epilogue
-from detc.kernels.conv2d_int8 import _Geometry as Geometry
 
 #: int32 lanes of one NEON register: output channels one dot-product step covers
 LANES = 4
@@ -154,15 +155,11 @@ def _geometry(data_shape: tuple[int, ...], conv: QuantizedConv2d) -> Geometry:
     out_channels, weight_in, kernel_h, kernel_w = conv.weight.shape
     if weight_in != in_channels:
         raise ValueError(f"weight {conv.weight.shape} does not match data {data_shape}")
-    stride_h, stride_w = conv.strides
-    dilation_h, dilation_w = conv.dilation
-    top, left, bottom, right = conv.padding
-    out_h = (height + top + bottom - (kernel_h - 1) * dilation_h - 1) // stride_h + 1
-    out_w = (width + left + right - (kernel_w - 1) * dilation_w - 1) // stride_w + 1
+    out_h, out_w = conv.output_size(height, width)
     out_blocks = -(-out_channels // LANES)
     # Four channel blocks (16 channels: four weight registers) per tile where they divide.
     oc_tile = next(t for t in (4, 2, 1) if out_blocks % t == 0)
-    ow_tile = _pick_ow_tile(out_w, _TILE_REGISTERS // oc_tile)
+    ow_tile = pick_ow_tile(out_w, _TILE_REGISTERS // oc_tile)
     return Geometry(
         batch,
         in_channels,
@@ -178,13 +175,6 @@ def _geometry(data_shape: tuple[int, ...], conv: QuantizedConv2d) -> Geometry:
     )
 
 
-def _pick_ow_tile(out_w: int, budget: int) -> int:
-    """As wide as the register budget allows, wasting the fewest padded pixels."""
-    budget = max(1, min(budget, out_w))
-    candidates = range(budget, max(1, budget // 2) - 1, -1)
-    return min(candidates, key=lambda t: (-(-out_w // t) * t - out_w, -t))
-
-
 def _conv2d_int8_compute(
     data: te.Tensor,
     kernel: te.Tensor,
@@ -194,60 +184,10 @@ def _conv2d_int8_compute(
     conv: QuantizedConv2d,
     g: Geometry,
 ) -> te.Tensor:
-    """pack (signed) → int32 convolution (register tile) → requantize or dequantize."""
-    stride_h, stride_w = conv.strides
-    dilation_h, dilation_w = conv.dilation
-    top, left, _, _ = conv.padding
-    packed_h = (g.out_h - 1) * stride_h + (g.kernel_h - 1) * dilation_h + 1
-    packed_w = (g.padded_out_w - 1) * stride_w + (g.kernel_w - 1) * dilation_w + 1
-    zero_point = signed_zero_point(conv)
-    unsigned_input = conv.input_dtype == "uint8"
-    whole_blocks = g.in_channels % REDUCE_BLOCK == 0
-    in_blocks = -(-g.in_channels // REDUCE_BLOCK)
-    out_blocks = -(-g.out_channels // LANES)
-
-    def pack(n: Any, cb: Any, h: Any, w: Any, c: Any) -> Any:
-        channel = cb * REDUCE_BLOCK + c
-        y, x = h - top, w - left
-        if whole_blocks:
-            inside = tirx.all(y >= 0, y < g.height, x >= 0, x < g.width)
-            value = data[n, channel, y, x]
-        else:
-            inside = tirx.all(y >= 0, y < g.height, x >= 0, x < g.width, channel < g.in_channels)
-            value = data[n, tirx.min(channel, g.in_channels - 1), y, x]
-        if unsigned_input:
-            value = (value.astype("int32") - 128).astype("int8")
-        return tirx.if_then_else(inside, value, tirx.const(zero_point, "int8"))
-
-    packed = te.compute((g.batch, in_blocks, packed_h, packed_w, REDUCE_BLOCK), pack, name="pack")
-
-    icb = te.reduce_axis((0, in_blocks), name="icb")
-    kh = te.reduce_axis((0, g.kernel_h), name="kh")
-    kw = te.reduce_axis((0, g.kernel_w), name="kw")
-    ic = te.reduce_axis((0, REDUCE_BLOCK), name="ic")
-
-    def accumulate(n: Any, ob: Any, oh: Any, ow: Any, oc: Any) -> Any:
-        pixel = packed[n, icb, oh * stride_h + kh * dilation_h, ow * stride_w + kw * dilation_w, ic]
-        return te.sum(
-            pixel.astype("int32") * kernel[ob, icb, kh, kw, oc, ic].astype("int32"),
-            axis=[icb, kh, kw, ic],
-        )
-
-    acc = te.compute(
-        (g.batch, out_blocks, g.out_h, g.padded_out_w, LANES),
-        accumulate,
-        name="conv2d_int8",
-        attrs={CONV_INT8_MARK: 1},
-    )
-    if conv.float_output or conv.activation:
-        return dequantize_epilogue(acc, bias, multiplier, float_bias, conv, g, LANES)
-
-    def requantize(n: Any, c: Any, h: Any, w: Any) -> Any:
-        total = acc[n, c // LANES, h, w, c % LANES] + bias[c]
-        return quantized_output(total.astype("float32") * multiplier[c], conv)
-
-    out_shape = (g.batch, g.out_channels, g.out_h, g.out_w)
-    return te.compute(out_shape, requantize, name="requantize")
+    """pack (signed, for ``sdot``/``smull``) → int32 convolution (register tile) → requantize
+    or dequantize."""
+    acc = channel_layout_sum(packed_input(data, conv, g, "int8"), kernel, conv, g, LANES)
+    return output_stage(acc, bias, multiplier, float_bias, conv, g, LANES)
 
 
 # ---- the tensor intrinsics ---------------------------------------------------------------------
