@@ -672,7 +672,7 @@ def _verify_int8(
     """``detc verify`` of an int8 artifact: against its quantized reference, and the float model."""
     from detc.compiler.verify import quantization_lines, verify_quantized_tensors
 
-    float_reference = reference or _source_model(manifest)
+    float_reference = reference or _source_model(manifest, artifact)
     if data is not None and float_reference is None:
         _default_reference(manifest, artifact)  # raises: the mAP budget needs the float model
     report = verify_quantized_tensors(
@@ -726,14 +726,20 @@ def _verify_int8(
     click.echo("verify: ok", err=as_json)  # with --json, stdout holds only the JSON
 
 
-def _source_model(manifest: dict[str, Any]) -> Path | None:
-    """The model the artifact was compiled from, if it is still where the compile read it."""
-    source = (manifest.get("source") or {}).get("path")
-    return Path(source) if source and Path(source).is_file() else None
+def _source_model(manifest: dict[str, Any], artifact: Path) -> Path | None:
+    """The float model the artifact was compiled from, as ONNX: the copy the artifact keeps
+    when the source was a torch module or ``.pt2``, else the source file if it is still where
+    the compile read it."""
+    source = manifest.get("source") or {}
+    kept = artifact / source["onnx"] if source.get("onnx") else None
+    if kept is not None and kept.is_file():
+        return kept
+    path = source.get("path")
+    return Path(path) if path and Path(path).is_file() else None
 
 
 def _default_reference(manifest: dict[str, Any], artifact: Path) -> Path:
-    found = _source_model(manifest)
+    found = _source_model(manifest, artifact)
     if found is not None:
         return found
     source = (manifest.get("source") or {}).get("path")

@@ -195,10 +195,18 @@ def compile_model(
 ) -> CompileResult:
     """Compile a model for ``target`` into an artifact directory (written atomically)."""
     from detc.targets import build_artifact, resolve_target
+    from detc.targets._artifact import SOURCE_REFERENCE_FILE
 
     resolve_target(target)  # a misspelt target fails now, not after minutes of passes
+    loaded = _as_loaded(source, input_shapes)
+    extra_files: dict[str, bytes] = {}
+    if loaded.path is None or loaded.path.suffix.lower() != ".onnx":
+        # verify and bench compare with onnxruntime, which cannot read the .pt2 / module: keep
+        # the float model as exported, before any pass
+        exported = ir.serde.serialize_model(loaded.model)
+        extra_files[SOURCE_REFERENCE_FILE] = exported.SerializeToString()
     loaded, run = optimize(
-        source,
+        loaded,
         pipeline,
         input_shapes=input_shapes,
         dump_ir=dump_ir,
@@ -206,12 +214,14 @@ def compile_model(
         on_pass=on_pass,
     )
     proto = ir.serde.serialize_model(loaded.model)
-    quantization, extra_files = _quantization_record(run, proto)
+    quantization, quantized_files = _quantization_record(run, proto)
+    extra_files.update(quantized_files)
     fields: dict[str, Any] = {
         "pipeline": str(run.pipeline),
         "source": {
             "path": str(loaded.path) if loaded.path else None,
             "sha256": loaded.sha256,
+            "onnx": SOURCE_REFERENCE_FILE if SOURCE_REFERENCE_FILE in extra_files else None,
         },
         "detc_version": detc_version(),
         "model_spec": _model_spec_for(loaded, proto, model_spec),

@@ -64,10 +64,13 @@ OWNED_FIELDS = frozenset(
     }
 )
 QUANTIZED_REFERENCE_FILE = "reference_qdq.onnx"
+#: the float model as detc exported it, kept when the source was not an ONNX file (a torch
+#: module or ``.pt2``): onnxruntime, which ``detc verify`` and ``bench`` compare with, reads ONNX
+SOURCE_REFERENCE_FILE = "reference.onnx"
 #: what ``detc verify --data`` writes into the artifact by default
 REPORT_DIR = "report"
 #: files ``build_artifact(extra_files=...)`` may add beside the library
-EXTRA_FILES = frozenset({QUANTIZED_REFERENCE_FILE})
+EXTRA_FILES = frozenset({QUANTIZED_REFERENCE_FILE, SOURCE_REFERENCE_FILE})
 _ARTIFACT_FILES = frozenset({MANIFEST_FILE, LIBRARY_FILE, PARAMS_FILE, REPORT_DIR}) | EXTRA_FILES
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -215,3 +216,29 @@ def test_pt2_archive_front_end(tmp_path: Path) -> None:
     loaded = load(path)
     assert loaded.path == path
     assert {"Conv", "Sigmoid"} <= {n.op_type for n in loaded.model.graph}
+
+
+def test_pt2_compiles_then_verifies_and_benches_without_a_reference(tmp_path: Path) -> None:
+    """The workflow a PyTorch user runs: compile the .pt2, then verify and bench as for ONNX.
+    onnxruntime cannot read the .pt2, so the artifact keeps the exported float model."""
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Sigmoid()).eval()
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.rand(1, 3, 16, 16),)), str(path))
+    out = tmp_path / "art"
+
+    def detc(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "detc.compiler.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    compiled = detc("compile", str(path), "--target", "x86", "-o", str(out))
+    assert compiled.returncode == 0, compiled.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["onnx"] == "reference.onnx"
+    exported = onnx.load(out / "reference.onnx")
+    assert [n.op_type for n in exported.graph.node] == ["Conv", "Sigmoid"]  # before any pass
+    verified = detc("verify", str(out))
+    assert verified.returncode == 0, verified.stderr
+    assert "reference.onnx" in verified.stdout and "verify: ok" in verified.stdout + verified.stderr
+    benched = detc("bench", str(out), "--vs", "onnxruntime", "--runs", "3", "--json")
+    assert benched.returncode == 0, benched.stderr
