@@ -196,6 +196,7 @@ class Target(ABC):
             "compute": "float32" if promoted else "as-model",
             "float16_promoted": promoted,
         }
+        _refuse_dynamic_inputs(model)
         _refuse_unsupported_ops(model)
         chatter = io.StringIO()
         try:
@@ -314,6 +315,31 @@ def _describe_nodes(model: onnx.ModelProto, op_type: str) -> str:
         return op_type
     more = f", +{len(names) - 1} more" if len(names) > 1 else ""
     return f"{op_type} (node '{names[0]}'{more})"
+
+
+def _refuse_dynamic_inputs(model: onnx.ModelProto) -> None:
+    """A compiled artifact has one input shape (its kernels are scheduled and tuned for it):
+    name the inputs with symbolic or unknown dimensions, and the flag that fixes them, before
+    TVM's importer fails somewhere inside the graph (e.g. on a Resize of unknown size)."""
+    weights = {init.name for init in model.graph.initializer}
+    found, suggested = [], []
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in weights or all(d.HasField("dim_value") for d in dims):
+            continue
+        shown = [str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+        # a batch of one; other unknown sizes are the user's to choose
+        wanted = [
+            str(d.dim_value) if d.HasField("dim_value") else "1" if i == 0 else "N"
+            for i, d in enumerate(dims)
+        ]
+        found.append(f"'{value.name}' is {'x'.join(shown)}")
+        suggested.append(f"--input-shape {value.name}:{'x'.join(wanted)}")
+    if found:
+        raise BadInputError(
+            f"dynamic input dimensions ({'; '.join(found)}): an artifact is compiled for one "
+            f"shape; give it with {' '.join(suggested)} (N: your size)"
+        )
 
 
 def _refuse_unsupported_ops(model: onnx.ModelProto) -> None:

@@ -146,6 +146,18 @@ def test_unknown_target_is_refused_before_anything_is_written(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dynamic_input_is_refused_with_the_flag_that_fixes_it(tmp_path: Path) -> None:
+    model = tiny_model(0)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param, dims[2].dim_param = "batch", "height"
+    with pytest.raises(
+        BadInputError,
+        match=r"'image' is batchx3xheightx8.*--input-shape image:1x3xNx8",
+    ):
+        build_artifact(model, "x86", tmp_path / "d", manifest_fields={})
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- atomic writes -------------------------------------------------------------------------
 
 
