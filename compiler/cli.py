@@ -59,16 +59,36 @@ def _save_model(model: Any, path: Path) -> None:
     _write_atomically(path, lambda tmp: ir.save(model, tmp))
 
 
-def _load_pipeline(pipeline: str | None, config: Path | None) -> str | None:
-    """``-p`` text, or the pipeline a ``--config`` TOML states; both at once is refused."""
-    from detc.compiler._pipeline import load_config, pipeline_from_config
+def _load_pipeline(
+    pipeline: str | None, config: Path | None, calib: Path | None = None
+) -> str | None:
+    """``-p`` text, or the pipeline a ``--config`` TOML states; both at once is refused.
+    ``calib`` becomes ``calib=DIR`` of every pass that reads calibration images and has none."""
+    from detc.compiler._pipeline import (
+        DEFAULT_PIPELINE,
+        load_config,
+        parse_pipeline,
+        pipeline_from_config,
+        with_option_default,
+    )
 
-    if config is None:
-        return pipeline
-    from_config = pipeline_from_config(load_config(config), str(config))
-    if pipeline is not None and from_config is not None:
-        raise BadInputError(f"give the pipeline either with -p or in {config}, not both")
-    return pipeline if from_config is None else str(from_config)
+    chosen = pipeline
+    if config is not None:
+        from_config = pipeline_from_config(load_config(config), str(config))
+        if pipeline is not None and from_config is not None:
+            raise BadInputError(f"give the pipeline either with -p or in {config}, not both")
+        chosen = pipeline if from_config is None else str(from_config)
+    if calib is None:
+        return chosen
+    steps, given = with_option_default(
+        parse_pipeline(chosen or DEFAULT_PIPELINE), "calib", str(calib)
+    )
+    if not given:
+        raise BadInputError(
+            f"--calib {calib}: no pass of the pipeline without a calib of its own reads "
+            "calibration images (prune, lowrank and quantize do)"
+        )
+    return str(steps)
 
 
 def _pass_printer(quiet: bool):
@@ -126,6 +146,14 @@ pipeline_option = click.option(
     metavar="PIPELINE",
     help="Passes to run, e.g. 'fold-constants,fold-conv-bn,eliminate-dead-code' "
     "(default: the exact passes; `detc passes` lists them; 'default' expands in place).",
+)
+calib_option = click.option(
+    "--calib",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Calibration images (a folder, or a COCO dataset folder) for every pass of the "
+    "pipeline that reads them and sets no calib=DIR itself: prune, lowrank, quantize.",
 )
 config_option = click.option(
     "--config",
@@ -281,6 +309,7 @@ def import_cmd(model: Path, output: Path, input_shapes: Sequence[str]) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @pipeline_option
 @config_option
+@calib_option
 @input_shape_option
 @dump_option
 @verify_each_option
@@ -290,6 +319,7 @@ def opt(
     output: Path,
     pipeline: str | None,
     config: Path | None,
+    calib: Path | None,
     input_shapes: Sequence[str],
     dump_ir: Path | None,
     verify_each: bool,
@@ -304,7 +334,7 @@ def opt(
 
     loaded, run = optimize(
         model,
-        _load_pipeline(pipeline, config),
+        _load_pipeline(pipeline, config, calib),
         input_shapes=parse_input_shapes(input_shapes),
         dump_ir=dump_ir,
         verify_each=verify_each,
@@ -323,6 +353,7 @@ def opt(
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
 @pipeline_option
 @config_option
+@calib_option
 @input_shape_option
 @dump_option
 @verify_each_option
@@ -346,6 +377,7 @@ def compile(
     output: Path,
     pipeline: str | None,
     config: Path | None,
+    calib: Path | None,
     input_shapes: Sequence[str],
     dump_ir: Path | None,
     verify_each: bool,
@@ -397,7 +429,7 @@ def compile(
         model,
         target=target,
         out_dir=output,
-        pipeline=_load_pipeline(pipeline, config),
+        pipeline=_load_pipeline(pipeline, config, calib),
         input_shapes=parse_input_shapes(input_shapes),
         dump_ir=dump_ir,
         verify_each=verify_each,
@@ -430,6 +462,7 @@ def compile(
 @click.option("-t", "--target", default="x86", show_default=True, help="`detc targets` lists them.")
 @pipeline_option
 @config_option
+@calib_option
 @input_shape_option
 @threads_option
 @tuning_options
@@ -452,6 +485,7 @@ def tune(
     target: str,
     pipeline: str | None,
     config: Path | None,
+    calib: Path | None,
     input_shapes: Sequence[str],
     threads: int | None,
     trials: int | None,
@@ -488,7 +522,9 @@ def tune(
         quiet,
     )
     loaded, _ = optimize(
-        model, _load_pipeline(pipeline, config), input_shapes=parse_input_shapes(input_shapes)
+        model,
+        _load_pipeline(pipeline, config, calib),
+        input_shapes=parse_input_shapes(input_shapes),
     )
     if not quiet:
         _info(f"detc: tuning {model} for {target}")

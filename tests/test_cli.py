@@ -289,3 +289,14 @@ def test_usage_error_exits_2() -> None:
     result = detc("compile")
     assert result.returncode == 2
     assert "Missing argument" in result.stderr
+
+
+def test_calib_without_a_pass_that_reads_images_is_refused(
+    model_path: Path, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    result = detc("opt", str(model_path), "--calib", str(images), "-o", str(tmp_path / "o.onnx"))
+    assert result.returncode == 2
+    assert "no pass of the pipeline" in result.stderr and "prune, lowrank" in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
