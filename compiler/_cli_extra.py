@@ -126,7 +126,14 @@ def demo_train(output: Path, seed: int | None, epochs: int | None, min_map50: fl
 @click.option("--pass", "pass_name", required=True, help="The approximate pass: prune | lowrank.")
 @click.option("--values", required=True, help="Comma-separated settings, e.g. 0.1,0.2,0.3,0.4.")
 @click.option("--option", default=None, help="Which option --values sets (default: the pass's).")
-@click.option("--options", "pass_options", default="", help="Further options, e.g. calib=DIR.")
+@click.option("--options", "pass_options", default="", help="Further options, e.g. ridge=0.01.")
+@click.option(
+    "--calib",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Calibration images for the data-aware parts (the same as --options calib=DIR).",
+)
 @click.option(
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
@@ -150,6 +157,7 @@ def sweep_cmd(
     values: str,
     option: str | None,
     pass_options: str,
+    calib: Path | None,
     data: Path | None,
     decoder: str | None,
     max_images: int | None,
@@ -161,13 +169,15 @@ def sweep_cmd(
     """MAC reduction, onnxruntime latency and mAP of an approximate pass at several settings.
 
     The curve to choose a setting from: e.g. `detc sweep m.onnx --pass prune --values
-    0.1,0.2,0.3 --data coco/ --decoder yolov5 --plot sweep.png`.
+    0.1,0.2,0.3 --calib images/ --data coco/ --decoder yolov5 --plot sweep.png`.
     """
     import json
 
     from detc.compiler.sweep import sweep
 
     settings = [v.strip() for v in values.split(",") if v.strip()]
+    if calib is not None:
+        pass_options = ",".join(o for o in (pass_options, f"calib={calib}") if o)
     result = sweep(
         model,
         pass_name,

@@ -485,3 +485,26 @@ def test_with_too_few_images_to_hold_back_the_ridge_is_the_default(
 
     assert report is not None and report.fits
     assert {fit.ridge for fit in report.fits} <= {DEFAULT_RIDGE, np.inf}
+
+
+def test_sweep_cli_passes_calib_to_the_pass(
+    rng: np.random.Generator, tmp_path: Path, calib_dir: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "detector.onnx"
+    onnx.save(ir.serde.serialize_model(detector(rng)), path)
+    command = [sys.executable, "-m", "detc.compiler.cli", "sweep", str(path), "--pass", "prune"]
+    command += ["--values", "0.25", "--options", "multiple=2", "--calib", str(calib_dir)]
+    result = subprocess.run(
+        [*command, "--runs", "2", "--threads", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (point,) = json.loads(result.stdout)["points"]
+    expected = f"default,prune{{mac_reduction=0.25,multiple=2,calib={calib_dir}}}"
+    assert point["pipeline"] == expected
