@@ -287,6 +287,31 @@ def test_verify_with_data_runs_each_model_once_per_image(
     assert calls == {"onnxruntime": 3 * images, "artifact": images}
 
 
+def test_an_over_budget_drop_names_the_other_approximate_passes(
+    int8_build: tuple[Path, Path, Path],
+) -> None:
+    """The float reference is the source model: a prune before the quantize counts in the drop,
+    and the message must say so (else quantization takes the blame for the prune)."""
+    from detc.compiler import detection_verify
+
+    model_path, data, artifact = int8_build
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert (
+        detection_verify.verify_quantized_detection(
+            artifact, model_path, manifest, data, max_map_drop=-1.0, progress=False
+        )
+        .failures()[0]
+        .endswith("(> -1, --max-map-drop)")
+    )
+    pruned = {"pass": "prune{ratio=0.5}", "exact": False, "modified": True}
+    manifest["passes"] = [pruned, *manifest["passes"]]
+    report = detection_verify.verify_quantized_detection(
+        artifact, model_path, manifest, data, max_map_drop=-1.0, progress=False
+    )
+    assert "it includes prune{ratio=0.5}: --max-map-drop sets" in report.failures()[0]
+    assert "the drop includes prune{ratio=0.5}" in report.render_table()
+
+
 def test_map_budget_prefers_the_flag_then_the_compile_then_the_default() -> None:
     assert map_budget({"max_map_drop": 0.5}, 2.0) == (2.0, "--max-map-drop")
     assert map_budget({"max_map_drop": 0.5}, None) == (0.5, "the compile's max_map_drop")
