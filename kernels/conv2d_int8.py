@@ -56,7 +56,7 @@ import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from detc.kernels.fast_math import exp_float32
+from detc.kernels.fast_math import exp_float32, round_half_even_to_int32
 
 #: block annotation that marks the int8 convolution in a PrimFunc
 CONV_INT8_MARK = "detc.conv2d_int8"
@@ -194,23 +194,6 @@ def _output_range(dtype: str) -> tuple[int, int]:
     return (-128, 127) if dtype == "int8" else (0, 255)
 
 
-#: 1.5 · 2^23. Float32 values in [2^23, 2^24) are spaced exactly 1 apart, so adding this to an
-#: x with |x| < 2^22 rounds x to an integer in the default mode (to nearest, ties to even, as
-#: ``nearbyint``), and the sum's bits are this constant's bits plus that integer.
-_ROUNDING_BIAS = 12582912.0
-_ROUNDING_BIAS_BITS = 0x4B400000
-
-
-def _round_half_even_to_int32(x: Any) -> Any:
-    """``int32(nearbyint(x))`` for a float32 |x| < 2^22 in two vector instructions.
-
-    Not ``tirx.nearbyint``: TVM 0.27 does not mark it vectorizable, so its loop vectorizer
-    turned every requantizing epilogue back into a scalar loop (which LLVM then vectorised
-    at 8 lanes, the target's preferred width, not the 16 of the schedule)."""
-    biased = tirx.reinterpret("int32", x + tirx.const(_ROUNDING_BIAS, "float32"))
-    return biased - tirx.const(_ROUNDING_BIAS_BITS, "int32")
-
-
 def quantized_output(value: Any, conv: QuantizedConv2d) -> Any:
     """``value`` (float32, in units of the output scale) as the output integer, as
     onnxruntime stores it: rounded half to even, plus the zero point, saturated to the output
@@ -223,7 +206,7 @@ def quantized_output(value: Any, conv: QuantizedConv2d) -> Any:
     lower = tirx.const(float(low - conv.output_zero_point), "float32")
     upper = tirx.const(float(high - conv.output_zero_point), "float32")
     clamped = tirx.max(tirx.min(value, upper), lower)
-    rounded = _round_half_even_to_int32(clamped) + conv.output_zero_point
+    rounded = round_half_even_to_int32(clamped) + conv.output_zero_point
     return rounded.astype(conv.output_dtype)
 
 

@@ -226,19 +226,16 @@ def test_pt2_compiles_then_verifies_and_benches_without_a_reference(tmp_path: Pa
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(model, (torch.rand(1, 3, 16, 16),)), str(path))
     out = tmp_path / "art"
-
-    def detc(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "detc.compiler.cli", *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-    compiled = detc("compile", str(path), "--target", "x86", "-o", str(out))
+    compiled = _run_cli("compile", str(path), "--target", "x86", "-o", str(out), cwd=tmp_path)
     assert compiled.returncode == 0, compiled.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["onnx"] == "reference.onnx"
     exported = onnx.load(out / "reference.onnx")
     assert [n.op_type for n in exported.graph.node] == ["Conv", "Sigmoid"]  # before any pass
-    verified = detc("verify", str(out))
+    verified = _run_cli("verify", str(out), cwd=tmp_path)
     assert verified.returncode == 0, verified.stderr
     assert "reference.onnx" in verified.stdout and "verify: ok" in verified.stdout + verified.stderr
-    benched = detc("bench", str(out), "--vs", "onnxruntime", "--runs", "3", "--json")
+    benched = _run_cli(
+        "bench", str(out), "--vs", "onnxruntime", "--runs", "3", "--json", cwd=tmp_path
+    )
     assert benched.returncode == 0, benched.stderr
