@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from detc.compiler._errors import (
+from detc.compiler.bench import BenchResult, bench_interleaved
+from detc.compiler.driver import CompileResult, compile_model, load, optimize
+from detc.compiler.errors import (
     BadInputError,
     CheckFailedError,
     DetcError,
@@ -11,8 +13,16 @@ from detc.compiler._errors import (
     UnsupportedModelError,
     VerificationMismatchError,
 )
-from detc.compiler._pass import Candidate, DetcPass, NoMatch, NoOptions, PassResult, RewritePass
-from detc.compiler._pipeline import (
+from detc.compiler.frontend import LoadedModel, from_torch, load_model, load_onnx, load_pt2
+from detc.compiler.ir.pass_base import (
+    Candidate,
+    DetcPass,
+    NoMatch,
+    NoOptions,
+    PassResult,
+    RewritePass,
+)
+from detc.compiler.ir.pipeline import (
     DEFAULT_PIPELINE,
     Pipeline,
     PipelineRun,
@@ -21,12 +31,9 @@ from detc.compiler._pipeline import (
     pipeline_from_config,
     run_pipeline,
 )
-from detc.compiler._registry import all_passes, get_pass
-from detc.compiler._stats import GraphStats, graph_stats
-from detc.compiler.bench import BenchResult, bench_interleaved
-from detc.compiler.driver import CompileResult, compile_model, load, optimize
-from detc.compiler.frontend import LoadedModel, from_torch, load_model, load_onnx, load_pt2
-from detc.compiler.verify import TensorReport, verify_tensors
+from detc.compiler.ir.registry import all_passes, get_pass
+from detc.compiler.ir.stats import GraphStats, graph_stats
+from detc.compiler.verify.tensors import TensorReport, verify_tensors
 
 __all__ = [
     "DEFAULT_PIPELINE",

@@ -11,8 +11,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from detc.compiler._pass import DetcPass
-from detc.compiler._pipeline import (
+from detc.compiler.frontend import LoadedModel, load_model
+from detc.compiler.ir.pass_base import DetcPass
+from detc.compiler.ir.pipeline import (
     DEFAULT_PIPELINE,
     PassRecord,
     Pipeline,
@@ -20,7 +21,6 @@ from detc.compiler._pipeline import (
     parse_pipeline,
     run_pipeline,
 )
-from detc.compiler.frontend import LoadedModel, load_model
 
 
 def default_threads() -> int:
@@ -97,7 +97,7 @@ def _model_spec_for(loaded: LoadedModel, proto: Any, spec: Any) -> dict[str, Any
     if spec is not None:
         return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
     try:
-        from detc.compiler.modelspec import spec_from_onnx
+        from detc.compiler.detection.spec import spec_from_onnx
     except ImportError:
         return None
     try:
@@ -116,9 +116,9 @@ def _quantization_record(
     onnxruntime runs beside the artifact. A graph that was QDQ already when loaded (quantized
     elsewhere) is recorded too, with ``origin: "source"``.
     """
-    from detc.compiler.verify import is_quantized
-    from detc.passes.quantize import QuantizePass, quantized_nodes
-    from detc.targets._artifact import QUANTIZED_REFERENCE_FILE
+    from detc.compiler.verify.tensors import is_quantized
+    from detc.passes.quantize.core import QuantizePass, quantized_nodes
+    from detc.targets.artifact import QUANTIZED_REFERENCE_FILE
 
     if not is_quantized(proto):
         return None, {}
@@ -195,7 +195,7 @@ def compile_model(
 ) -> CompileResult:
     """Compile a model for ``target`` into an artifact directory (written atomically)."""
     from detc.targets import build_artifact, resolve_target
-    from detc.targets._artifact import SOURCE_REFERENCE_FILE
+    from detc.targets.artifact import SOURCE_REFERENCE_FILE
 
     resolve_target(target)  # a misspelt target fails now, not after minutes of passes
     loaded = _as_loaded(source, input_shapes)

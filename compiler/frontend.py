@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from detc.compiler._errors import BadInputError, UnsupportedModelError
+from detc.compiler.errors import BadInputError, UnsupportedModelError
 
 #: opsets detc's passes and TVM's ONNX importer are tested with; others are converted to TARGET
 MIN_OPSET, MAX_OPSET, TARGET_OPSET = 11, 21, 17

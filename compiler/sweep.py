@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from detc.compiler._errors import BadInputError
-from detc.compiler._ort import graph_io, ort_session, random_feeds, run_session, to_proto
-from detc.compiler._stats import graph_stats
-from detc.compiler.modelspec import ModelSpec
+from detc.compiler.detection.spec import ModelSpec
+from detc.compiler.errors import BadInputError
+from detc.compiler.ir.stats import graph_stats
+from detc.compiler.reference import graph_io, ort_session, random_feeds, run_session, to_proto
 
 SWEEP_PLOT = "sweep.png"
 
@@ -134,10 +134,10 @@ def sweep(
     ``<option>-<value>.onnx``. Latency is the median of ``runs`` runs of each model, interleaved
     with the base model's.
     """
-    from detc.compiler._pipeline import parse_pipeline
-    from detc.compiler._registry import get_pass
     from detc.compiler.bench import bench_interleaved
     from detc.compiler.driver import optimize
+    from detc.compiler.ir.pipeline import parse_pipeline
+    from detc.compiler.ir.registry import get_pass
 
     if not values:
         raise BadInputError("sweep: give at least one value (--values 0.1,0.2,...)")
@@ -227,9 +227,9 @@ def _evaluator(
     """mAP@[.5:.95] and mAP@.5 of a runner on ``data`` (None without data)."""
     if data is None:
         return lambda runner: None
-    from detc.compiler.datasets import CocoDataset
-    from detc.compiler.detection_report import evaluate_detection
-    from detc.compiler.modelspec import spec_from_onnx
+    from detc.compiler.detection.datasets import CocoDataset
+    from detc.compiler.detection.report import evaluate_detection
+    from detc.compiler.detection.spec import spec_from_onnx
 
     dataset = CocoDataset(data)
     chosen = spec if spec is not None else spec_from_onnx(Path(model))

@@ -29,7 +29,7 @@ the roles: a vector is ``L`` neighbouring output pixels of one channel, one ``vp
 and the accumulator ``[N, OC', OH, OW']`` is NCHW already: the epilogue stores whole pixel vectors
 instead of transposing 16-channel vectors byte by byte. A 1×1 convolution with stride 1 and no
 padding runs on the image as one row of ``H·W`` pixels. Which layout and tile is fastest depends
-on the workload: :mod:`detc.kernels._int8_tiles` measures it, :mod:`detc.targets._tile_database`
+on the workload: :mod:`detc.kernels.int8_tiles` measures it, :mod:`detc.targets.tuning.tiles`
 remembers it.
 
 Temporaries of a tile are in the default ("global") scope, and the searched pixel tiles stay
@@ -819,7 +819,7 @@ class Int8Kernel:
 
 def default_tiles(data_shape: tuple[int, ...], conv: QuantizedConv2d, isa: Int8Isa) -> Tiles:
     """The schedule an untuned build uses; a tuned build measures a grid per workload instead
-    (:mod:`detc.kernels._int8_tiles`). The rules are what that search chose for yolov5n's 35
+    (:mod:`detc.kernels.int8_tiles`). The rules are what that search chose for yolov5n's 35
     int8 workloads on an AVX512-VNNI CPU (Emerald Rapids, 2 threads):
 
     * 8-bit output and at least 128 channels, or no pixel tile fits: the channel layout, 4

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from detc.compiler._pass import NoMatch, node_label
+from detc.compiler.ir.pass_base import NoMatch, node_label
 from detc.passes._graph_facts import (
     constant_array,
     describe_node,

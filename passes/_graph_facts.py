@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from detc.compiler._pass import node_label
+from detc.compiler.ir.pass_base import node_label
 
 ONNX_DOMAINS = ("", "ai.onnx")
 

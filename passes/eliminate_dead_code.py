@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from detc.compiler._pass import Candidate, DetcPass, PassResult, node_label
+from detc.compiler.ir.pass_base import Candidate, DetcPass, PassResult, node_label
 from detc.passes._graph_facts import describe_node, removed_nodes, structure_fingerprint
 
 

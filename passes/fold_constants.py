@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from detc.compiler._pass import Candidate, DetcPass, PassResult, node_label
+from detc.compiler.ir.pass_base import Candidate, DetcPass, PassResult, node_label
 from detc.passes._graph_facts import (
     constant_array,
     describe_source,

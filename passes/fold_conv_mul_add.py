@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from detc.compiler._pass import NoMatch, PassResult, RewritePass, node_label
+from detc.compiler.ir.pass_base import NoMatch, PassResult, RewritePass, node_label
 from detc.passes._conv_affine import FoldableConv, fold_affine_into_conv, foldable_conv
 from detc.passes._graph_facts import constant_array, describe_source, is_onnx_op
 

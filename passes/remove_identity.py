@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from detc.compiler._pass import NoMatch, RewritePass
+from detc.compiler.ir.pass_base import NoMatch, RewritePass
 from detc.passes._graph_facts import constant_array, describe_node, forward_value
 
 

@@ -16,14 +16,28 @@ import numpy as np
 
 from detc.targets import arm as _arm  # noqa: F401  (registers the arm targets)
 from detc.targets import x86 as _x86  # noqa: F401  (registers the x86 target)
-from detc.targets._artifact import (
+from detc.targets.artifact import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
     build_artifact,
     read_manifest,
 )
-from detc.targets._base import (
+from detc.targets.cpu import HostCpu, detect_host_cpu
+from detc.targets.remote.rpc import (
+    RpcDevice,
+    RpcDeviceError,
+    local_rpc_server,
+    local_rpc_tracker,
+    parse_device,
+    rpc_batch_runner,
+    rpc_time,
+    tracker_device,
+    tracker_servers,
+)
+from detc.targets.remote.toolchain import ToolRecord, doctor
+from detc.targets.runtime import CompiledModel, configure_threads, load_artifact
+from detc.targets.target import (
     LIBRARY_FILE,
     PARAMS_FILE,
     PHASE_NAMES,
@@ -35,27 +49,13 @@ from detc.targets._base import (
     register_target,
     resolve_target,
 )
-from detc.targets._cpu import HostCpu, detect_host_cpu
-from detc.targets._rpc import (
-    RpcDevice,
-    RpcDeviceError,
-    local_rpc_server,
-    local_rpc_tracker,
-    parse_device,
-    rpc_batch_runner,
-    rpc_time,
-    tracker_device,
-    tracker_servers,
-)
-from detc.targets._runtime import CompiledModel, configure_threads, load_artifact
-from detc.targets._toolchain import ToolRecord, doctor
 
 BatchRunner = Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]]
 
 
 def emulated_batch_runner(artifact_dir: Path) -> BatchRunner:
     """Run a cross-compiled (aarch64) artifact under qemu-user: numerics only, never latency."""
-    from detc.targets._emulator import run_emulated_batch
+    from detc.targets.remote.emulator import run_emulated_batch
 
     return lambda feed_sets: run_emulated_batch(artifact_dir, list(feed_sets))
 

@@ -16,8 +16,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from detc.compiler._ort import ort_session, run_session
-from detc.compiler._pass import DetcPass
+from detc.compiler.ir.pass_base import DetcPass
+from detc.compiler.reference import ort_session, run_session
 from detc.compiler.tolerances import Tolerance
 
 OPSET = 17

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnx_ir as ir
 
-    from detc.compiler._ort import ort_session, random_feeds, run_session
     from detc.compiler.driver import load
-    from detc.compiler.verify import manifest_inputs, read_manifest
+    from detc.compiler.reference import ort_session, random_feeds, run_session
+    from detc.compiler.verify.tensors import manifest_inputs, read_manifest
 
     feeds = random_feeds(manifest_inputs(read_manifest(args.int8)))
     contestants: dict[str, Callable[[Any], Any]] = {

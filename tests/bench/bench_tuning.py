@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     import onnx_ir as ir
     import tvm
 
-    from detc.compiler._ort import ort_session, random_feeds, run_session
-    from detc.compiler._stats import graph_stats
     from detc.compiler.bench import bench_interleaved
     from detc.compiler.driver import compile_model, load
-    from detc.compiler.verify import manifest_inputs
+    from detc.compiler.ir.stats import graph_stats
+    from detc.compiler.reference import ort_session, random_feeds, run_session
+    from detc.compiler.verify.tensors import manifest_inputs
     from detc.kernels.fma_peak import fma_peak_gflops
-    from detc.targets._tuning import TuningOptions
+    from detc.targets.tuning.search import TuningOptions
 
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

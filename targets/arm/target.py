@@ -1,0 +1,276 @@
+"""ARM (aarch64 Linux) targets: named CPU presets, cross-compiled export, ELF check.
+
+A preset is a TVM target JSON dict for one core family. `mcpu` lets LLVM schedule and select
+instructions for that core; `mattr` spells out the ML-relevant features the core has (NEON,
+fp16 arithmetic, int8 dot product, int8 matrix multiply, bf16, SVE) so the target's
+``feature.has_*`` keys, which TVM schedules consult, are explicit rather than implied.
+Artifacts are linked with the aarch64 cross compiler (`detc.targets.remote.toolchain`) and
+checked to be aarch64 ELF shared objects; on an x86 machine they are verified under qemu
+(`detc.targets.remote.emulator`), which proves numerics only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from detc.compiler.errors import BadInputError, ToolchainMissingError
+from detc.targets.remote.toolchain import (
+    AARCH64_TRIPLE,
+    EM_AARCH64,
+    CrossCompiler,
+    elf_machine,
+    find_aarch64_cross_compiler,
+)
+from detc.targets.target import LIBRARY_FILE, BuildContext, Target, TargetInfo, register_target
+
+if TYPE_CHECKING:
+    import tvm
+
+
+@dataclass(frozen=True)
+class ArmPreset:
+    """One ARM CPU preset: what `--target arm:<core>` compiles for."""
+
+    name: str
+    mcpu: str | None  # None: LLVM's generic aarch64 (runs on every Armv8-A core)
+    mattr: tuple[str, ...]
+    num_cores: int  # default thread count MetaSchedule tunes for; override per board
+    description: str
+
+    def tvm_target(self, *, num_cores: int | None = None) -> dict[str, object]:
+        """The TVM target JSON dict (pass through ``tvm.target.Target(...)``, never bare)."""
+        target: dict[str, object] = {"kind": "llvm", "mtriple": AARCH64_TRIPLE}
+        if self.mcpu is not None:
+            target["mcpu"] = self.mcpu
+        target["mattr"] = list(self.mattr)
+        target["num-cores"] = num_cores if num_cores is not None else self.num_cores
+        return target
+
+
+_NEON = "+neon"
+_FP16 = "+fullfp16"  # half-precision vector arithmetic (Armv8.2-A FP16)
+_DOTPROD = "+dotprod"  # SDOT/UDOT: int8 dot product into int32 (Armv8.2-A, optional)
+_I8MM = "+i8mm"  # SMMLA/UMMLA: int8 2x8x2 matrix multiply (Armv8.6-A)
+_BF16 = "+bf16"
+_SVE = "+sve"
+
+ARM_PRESETS: Mapping[str, ArmPreset] = {
+    preset.name: preset
+    for preset in (
+        ArmPreset(
+            "arm",
+            None,
+            (_NEON,),
+            4,
+            "generic Armv8-A + NEON: runs on any 64-bit ARM core; no fp16 arithmetic, "
+            "dot product or i8mm",
+        ),
+        ArmPreset(
+            "arm:cortex-a53",
+            "cortex-a53",
+            (_NEON,),
+            4,
+            "Cortex-A53 (Armv8.0-A, in-order; Raspberry Pi 3, many low-cost SoCs): NEON only, "
+            "no dot product",
+        ),
+        ArmPreset(
+            "arm:cortex-a55",
+            "cortex-a55",
+            (_NEON, _FP16, _DOTPROD),
+            4,
+            "Cortex-A55 (Armv8.2-A, in-order; RK3566/RK3568, little cores of phones): NEON, "
+            "fp16 arithmetic, int8 dot product; no i8mm",
+        ),
+        ArmPreset(
+            "arm:cortex-a72",
+            "cortex-a72",
+            (_NEON,),
+            4,
+            "Cortex-A72 (Armv8.0-A, out-of-order; Raspberry Pi 4, RK3399): NEON only, "
+            "no dot product",
+        ),
+        ArmPreset(
+            "arm:cortex-a76",
+            "cortex-a76",
+            (_NEON, _FP16, _DOTPROD),
+            4,
+            "Cortex-A76 (Armv8.2-A, out-of-order; Raspberry Pi 5, RK3588 big cores): NEON, "
+            "fp16 arithmetic, int8 dot product; no i8mm",
+        ),
+        ArmPreset(
+            "arm:neoverse-n1",
+            "neoverse-n1",
+            (_NEON, _FP16, _DOTPROD),
+            4,
+            "Neoverse N1 (Armv8.2-A server; AWS Graviton2, Ampere Altra): NEON, fp16 arithmetic, "
+            "int8 dot product; no i8mm, no SVE",
+        ),
+        ArmPreset(
+            "arm:neoverse-v1",
+            "neoverse-v1",
+            (_NEON, _FP16, _DOTPROD, _I8MM, _BF16, _SVE),
+            4,
+            "Neoverse V1 (Armv8.4-A server; AWS Graviton3): NEON, fp16, int8 dot product, i8mm, "
+            "bf16, 256-bit SVE",
+        ),
+    )
+}
+
+
+def get_arm_preset(name: str) -> ArmPreset:
+    """The preset called `name` ("arm", "arm:cortex-a55", …); `BadInputError` lists the others."""
+    preset = ARM_PRESETS.get(name)
+    if preset is None:
+        raise BadInputError(f"unknown ARM target '{name}': choose one of {', '.join(ARM_PRESETS)}")
+    return preset
+
+
+def arm_target(name: str, *, num_cores: int | None = None) -> dict[str, object]:
+    """TVM target JSON dict of the preset `name`, optionally for another core count."""
+    return get_arm_preset(name).tvm_target(num_cores=num_cores)
+
+
+def export_arm_library(
+    executable: tvm.runtime.Executable | tvm.runtime.Module,
+    path: Path,
+    *,
+    compiler: CrossCompiler | None = None,
+) -> Path:
+    """Link `executable` (built for an ARM target) into an aarch64 shared object at `path`.
+
+    Written atomically (temp name + rename); `ToolchainMissingError` when no cross compiler is
+    installed or when the configured one did not produce an aarch64 ELF object.
+    """
+    compiler = compiler or find_aarch64_cross_compiler()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # export_library picks the link step from the suffix: keep ".so" last.
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.so")
+    try:
+        executable.export_library(str(temporary), **compiler.export_library_kwargs())
+        _require_aarch64_output(temporary, compiler, shown_as=path.name)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def _require_aarch64_output(
+    library: Path, compiler: CrossCompiler, *, shown_as: str | None = None
+) -> None:
+    machine = elf_machine(library)
+    if machine != EM_AARCH64:
+        raise ToolchainMissingError(
+            f"{compiler.cc} linked {shown_as or library.name} for ELF machine {machine}, not "
+            f"aarch64 ({EM_AARCH64}): point DETC_AARCH64_CC at an aarch64 cross compiler"
+        )
+
+
+def build_arm_library(
+    relax_mod: tvm.IRModule,
+    preset: str,
+    path: Path,
+    *,
+    num_cores: int | None = None,
+) -> Path:
+    """Compile a Relax module for the ARM preset `preset` and export it to `path` (aarch64 ELF).
+
+    The module is compiled as given (no tuning); its ``main`` keeps whatever calling convention
+    it has. The cross compiler is looked up first so a missing one fails before compiling.
+    """
+    import tvm
+
+    compiler = find_aarch64_cross_compiler()
+    target = tvm.target.Target(arm_target(preset, num_cores=num_cores))
+    executable = tvm.compile(relax_mod, target=target)
+    return export_arm_library(executable, Path(path), compiler=compiler)
+
+
+def assert_aarch64_elf(path: Path) -> None:
+    """`BadInputError` unless `path` is an aarch64 ELF file (e.g. before sending it to a board)."""
+    machine = elf_machine(Path(path))
+    if machine != EM_AARCH64:
+        what = "not an ELF file" if machine is None else f"an ELF file for machine {machine}"
+        raise BadInputError(f"{path} is {what}, not aarch64: rebuild it with --target arm")
+
+
+@register_target
+class ArmTarget(Target):
+    """``arm`` / ``arm:<core>``: aarch64 Linux, linked with the cross compiler.
+
+    Differs from the base target in its TVM target (a preset), in linking with the aarch64 cross
+    compiler, and in checking that the exported library really is an aarch64 ELF object.
+    """
+
+    family = "arm"
+    machine = "aarch64"
+
+    def __init__(self, preset: ArmPreset) -> None:
+        super().__init__(preset.name)
+        self.preset = preset
+
+    @classmethod
+    def from_variant(cls, variant: str | None) -> ArmTarget:
+        return cls(get_arm_preset("arm" if variant is None else f"arm:{variant.strip().lower()}"))
+
+    @classmethod
+    def infos(cls) -> list[TargetInfo]:
+        return [
+            TargetInfo(
+                name=preset.name,
+                description=preset.description,
+                enables=(
+                    f"LLVM mtriple={AARCH64_TRIPLE} mcpu={preset.mcpu or 'generic'} "
+                    f"mattr={','.join(preset.mattr)}, {preset.num_cores} cores by default"
+                ),
+            )
+            for preset in ARM_PRESETS.values()
+        ]
+
+    def tvm_target_json(self, num_threads: int) -> dict[str, Any]:
+        return self.preset.tvm_target(num_cores=num_threads)
+
+    def default_num_threads(self) -> int:
+        return self.preset.num_cores
+
+    def host_cpu(self) -> dict[str, Any]:
+        # The artifact is for another machine; record what it was built for.
+        return {
+            "mcpu": self.preset.mcpu or "generic",
+            "mattr": list(self.preset.mattr),
+            "runs_here": platform.machine().lower() in ("aarch64", "arm64"),
+        }
+
+    def import_model(self, ctx: BuildContext) -> str:
+        summary = super().import_model(ctx)
+        from detc.targets.int8 import bind_quantization_params, has_quantized_ops
+
+        if has_quantized_ops(ctx.mod):
+            # The int8 lowering reads quantized weights, scales and zero points as constants.
+            ctx.mod, ctx.params = bind_quantization_params(ctx.mod, ctx.params, ctx.num_inputs)
+        return summary
+
+    def legalize_passes(self) -> list[Any]:
+        # First: FoldConstant would turn dequantize(W_q) into a float weight and hide the pattern.
+        # As on x86 (see its _int8_lowering); the kernel uses sdot where the preset has
+        # +dotprod, widening NEON multiplies elsewhere.
+        from detc.targets.int8 import lower_qdq_conv2d_to_int8
+
+        lowering = lower_qdq_conv2d_to_int8(allow_approximate=True, float_outputs=True)
+        return [lowering, *super().legalize_passes()]
+
+    def check_toolchain(self) -> None:
+        find_aarch64_cross_compiler()
+
+    def export_options(self) -> dict[str, Any]:
+        return find_aarch64_cross_compiler().export_library_kwargs()
+
+    def export(self, ctx: BuildContext) -> str:
+        summary = super().export(ctx)
+        _require_aarch64_output(ctx.staging_dir / LIBRARY_FILE, find_aarch64_cross_compiler())
+        return f"{summary}, aarch64 ELF"

@@ -1,0 +1,402 @@
+"""A target is a named sequence of phases that turns an ONNX model into a loadable library.
+
+    import → legalize → tune → build → export
+
+* **import**   ONNX → Relax (``from_onnx(keep_params_in_input=True)`` + ``detach_params``); float16
+               graphs are computed in float32 where the target asks for it (``promote_float16``).
+* **legalize** Relax operators → TIR functions, fused (LegalizeOps … FuseTIR).
+* **tune**     choose schedules for those TIR functions. Without tuning options it reports
+               ``untuned``; with :class:`~detc.targets.tuning.search.TuningOptions`
+               (``ctx.tuning``) it applies the tuning database and, with ``tune=True``, searches
+               for what it lacks (:mod:`detc.targets.tuning.search`).
+* **build**    ``tvm.compile`` to a Relax VM executable for :meth:`Target.tvm_target_json`.
+* **export**   the shared library (``export_library``, with :meth:`Target.export_options`, e.g. a
+               cross compiler) and the parameters file, into the staging directory.
+
+Every phase is a method ``(self, ctx: BuildContext) -> str`` returning a one-line summary, and
+reads/writes only the :class:`BuildContext`. A new target (arm, cuda) subclasses :class:`Target`,
+sets ``family``/``machine``, implements :meth:`Target.tvm_target_json`, :meth:`Target.from_variant`
+and :meth:`Target.infos`, overrides only the hooks where it must differ (``export_options``,
+``check_toolchain``, ``legalize_passes``, a phase), and registers itself with
+:func:`register_target` (imported from ``detc.targets.__init__``).
+
+A cross target, in outline::
+
+    @register_target
+    class ArmTarget(Target):
+        family, machine = "arm", "aarch64"
+
+        def tvm_target_json(self, num_threads):
+            return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"],
+                    "num-cores": num_threads}
+
+        def export_options(self):
+            return {"cc": "aarch64-linux-gnu-gcc"}
+
+        def check_toolchain(self):
+            ...  # ToolchainMissingError when aarch64-linux-gnu-gcc is absent
+
+The loader (_runtime.py) refuses a library whose ELF machine is not this host's and points to
+``detc verify --emulate``; running under emulation belongs to the arm target's own runner.
+
+TVM is imported inside the phase methods only: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from detc.compiler.errors import BadInputError, DetcError, UnsupportedModelError
+from detc.targets.precision import promote_float16_to_float32
+
+logger = logging.getLogger("detc.targets")
+
+LIBRARY_FILE = "model.so"
+PARAMS_FILE = "params.npz"
+PHASE_NAMES = ("import", "legalize", "tune", "build", "export")
+
+
+def param_key(index: int) -> str:
+    """Key of the ``index``-th parameter (in ``main``'s order after the inputs) in params.npz."""
+    return f"p{index:05d}"
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """One line of ``detc targets``."""
+
+    name: str  # what --target accepts, e.g. "x86" or "x86:<mcpu>"
+    description: str
+    enables: str  # what code generation it turns on (ISA, CPU model, threads)
+
+
+@dataclass
+class BuildContext:
+    """The state the phases of one build share; each phase reads what earlier phases left."""
+
+    model: onnx.ModelProto
+    staging_dir: Path  # the directory export writes into (renamed into place by the caller)
+    num_threads: int
+    progress: Callable[[str], None]  # progress lines (the caller may drop them)
+    warn: Callable[[str], None]  # notices the user must see (e.g. "untuned")
+    #: TuningOptions (None: an untuned build with TVM's default schedules)
+    tuning: Any = None
+    tvm_target: Any = None  # tvm.target.Target, set before the first phase
+    mod: Any = None  # tvm.IRModule, from import on
+    params: list[np.ndarray] = field(default_factory=list)  # main's arguments after the inputs
+    num_inputs: int = 0
+    executable: Any = None  # relax.Executable, from build on
+    #: seconds of the --tune-minutes budget spent searching before the tune phase (int8 tiles)
+    searched_seconds: float = 0.0
+    #: manifest entries the phases own ("tuning", "precision", ...)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    #: (phase name, seconds, summary) for every phase that ran
+    timings: list[tuple[str, float, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    run: Callable[[BuildContext], str]
+
+
+class Target(ABC):
+    """A compilation target: TVM target JSON + the phases, with hooks where targets differ."""
+
+    #: the part of the target name before ":" ("x86", "arm", "cuda")
+    family: ClassVar[str]
+    #: the ISA the exported library is for, as ``platform.machine()`` names it on Linux
+    machine: ClassVar[str]
+    #: compute float16 graphs in float32 (casts at the graph boundary): see _precision.py
+    promote_float16: ClassVar[bool] = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # ---- what every target must say -------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_variant(cls, variant: str | None) -> Target:
+        """The target for ``<family>`` (variant None) or ``<family>:<variant>``; BadInputError
+        when the variant is not valid."""
+
+    @classmethod
+    @abstractmethod
+    def infos(cls) -> list[TargetInfo]:
+        """Lines for ``detc targets`` (must not import TVM)."""
+
+    @abstractmethod
+    def tvm_target_json(self, num_threads: int) -> dict[str, Any]:
+        """The TVM target as a JSON dict, e.g. ``{"kind": "llvm", "mcpu": "znver3", ...}``."""
+
+    def host_cpu(self) -> dict[str, Any] | None:
+        """What the manifest records about the CPU the artifact is built for (or on)."""
+        return None
+
+    def default_num_threads(self) -> int:
+        return 1
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def check_toolchain(self) -> None:  # noqa: B027  (a hook: most targets need no check)
+        """Raise ToolchainMissingError before any slow phase when export could not link."""
+
+    def export_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``export_library`` (e.g. ``cc=`` for a cross compiler)."""
+        return {}
+
+    def legalize_passes(self) -> list[Any]:
+        """Relax passes of the legalize phase (called inside ``with tvm_target``)."""
+        from tvm import relax
+
+        return [
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+
+    # ---- the phases -----------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        return [
+            Phase("import", self.import_model),
+            Phase("legalize", self.legalize),
+            Phase("tune", self.tune),
+            Phase("build", self.build),
+            Phase("export", self.export),
+        ]
+
+    def import_model(self, ctx: BuildContext) -> str:
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+
+        model = ctx.model
+        promoted = False
+        if self.promote_float16:
+            model, promoted = promote_float16_to_float32(model)
+        ctx.manifest["precision"] = {
+            "compute": "float32" if promoted else "as-model",
+            "float16_promoted": promoted,
+        }
+        _refuse_dynamic_inputs(model)
+        _refuse_unsupported_ops(model)
+        chatter = io.StringIO()
+        try:
+            # The importer print()s the op it failed on and warns about checker findings: keep
+            # both off the user's terminal and use them for the error message.
+            with contextlib.redirect_stdout(chatter), warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                mod = from_onnx(model, keep_params_in_input=True)
+        except Exception as err:
+            raise _import_error(ctx.model, chatter.getvalue(), err) from err
+        for warning in seen:
+            logger.debug("onnx importer: %s", warning.message)
+        mod, params = relax.frontend.detach_params(mod)
+        ctx.mod = mod
+        ctx.params = [np.ascontiguousarray(p.numpy()) for p in params.get("main", [])]
+        ctx.num_inputs = int(mod["main"].attrs["num_input"])
+        summary = f"{ctx.num_inputs} input(s), {len(ctx.params)} parameters"
+        return summary + (", float16 computed in float32" if promoted else "")
+
+    def legalize(self, ctx: BuildContext) -> str:
+        import tvm
+
+        with ctx.tvm_target:
+            ctx.mod = tvm.transform.Sequential(self.legalize_passes())(ctx.mod)
+        return f"{count_tir_functions(ctx.mod)} TIR functions"
+
+    def tune(self, ctx: BuildContext) -> str:
+        """With tuning options: database + search (_tuning.py). Without: every TIR function
+        keeps TVM's default (unscheduled) loop nest."""
+        if ctx.tuning is not None:
+            from detc.targets.tuning.search import tune_phase
+
+            return tune_phase(self, ctx)
+        from detc.targets.tuning.search import count_unscheduled
+
+        # hand-scheduled kernels (int8 convolutions) are already as fast as they get
+        untuned = count_unscheduled(ctx.mod)
+        ctx.manifest["tuning"] = {
+            "tuned": False,
+            "trials": 0,
+            "database_digest": None,
+            "untuned_tasks": untuned,
+        }
+        ctx.warn(
+            f"untuned build: {untuned} TIR kernels use TVM's default schedules "
+            "(correct, but typically 50-100x slower than onnxruntime)"
+        )
+        return "untuned"
+
+    def build(self, ctx: BuildContext) -> str:
+        import tvm
+
+        ctx.executable = tvm.compile(ctx.mod, target=ctx.tvm_target)
+        return f"{ctx.tvm_target.kind.name} executable"
+
+    def export(self, ctx: BuildContext) -> str:
+        workspace = ctx.staging_dir / ".export-workspace"
+        workspace.mkdir()
+        library = ctx.staging_dir / LIBRARY_FILE
+        ctx.executable.export_library(
+            str(library), workspace_dir=str(workspace), **self.export_options()
+        )
+        _remove_tree(workspace)
+        arrays: dict[str, Any] = {param_key(i): p for i, p in enumerate(ctx.params)}
+        np.savez(ctx.staging_dir / PARAMS_FILE, **arrays)
+        size_mb = library.stat().st_size / 1e6
+        return f"{LIBRARY_FILE} {size_mb:.1f} MB, {PARAMS_FILE} {len(ctx.params)} arrays"
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def count_tir_functions(mod: Any) -> int:
+    import tvm
+
+    return sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
+
+
+def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None = None) -> None:
+    """Run ``target``'s phases in order (``only``: just these), timing each; TVM failures become
+    one-line DetcErrors."""
+    import tvm
+
+    ctx.tvm_target = tvm.target.Target(target.tvm_target_json(ctx.num_threads))
+    for phase in target.phases():
+        if only is not None and phase.name not in only:
+            continue
+        start = time.perf_counter()
+        try:
+            summary = phase.run(ctx)
+        except DetcError:
+            raise
+        except Exception as err:
+            raise _phase_error(target, phase.name, err) from err
+        seconds = time.perf_counter() - start
+        ctx.timings.append((phase.name, seconds, summary))
+        ctx.progress(f"{target.name} {phase.name}: {summary} ({seconds:.1f} s)")
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # TVM's messages often start with a traceback banner; the useful line is the last one.
+    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "^"))]
+    return (useful[-1] if useful else type(err).__name__)[:300]
+
+
+def _describe_nodes(model: onnx.ModelProto, op_type: str) -> str:
+    names = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op_type]
+    if not names:
+        return op_type
+    more = f", +{len(names) - 1} more" if len(names) > 1 else ""
+    return f"{op_type} (node '{names[0]}'{more})"
+
+
+def _refuse_dynamic_inputs(model: onnx.ModelProto) -> None:
+    """A compiled artifact has one input shape (its kernels are scheduled and tuned for it):
+    name the inputs with symbolic or unknown dimensions, and the flag that fixes them, before
+    TVM's importer fails somewhere inside the graph (e.g. on a Resize of unknown size)."""
+    weights = {init.name for init in model.graph.initializer}
+    found, suggested = [], []
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in weights or all(d.HasField("dim_value") for d in dims):
+            continue
+        shown = [str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+        # a batch of one; other unknown sizes are the user's to choose
+        wanted = [
+            str(d.dim_value) if d.HasField("dim_value") else "1" if i == 0 else "N"
+            for i, d in enumerate(dims)
+        ]
+        found.append(f"'{value.name}' is {'x'.join(shown)}")
+        suggested.append(f"--input-shape {value.name}:{'x'.join(wanted)}")
+    if found:
+        raise BadInputError(
+            f"dynamic input dimensions ({'; '.join(found)}): an artifact is compiled for one "
+            f"shape; give it with {' '.join(suggested)} (N: your size)"
+        )
+
+
+def _refuse_unsupported_ops(model: onnx.ModelProto) -> None:
+    """Name every op TVM's ONNX importer lacks, before it fails on the first one."""
+    try:
+        from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+    except ImportError:  # a TVM without this private helper: the importer's own error remains
+        return
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    missing = list(dict.fromkeys(n.op_type for n in model.graph.node if n.op_type not in known))
+    if missing:
+        described = ", ".join(_describe_nodes(model, op) for op in missing)
+        raise UnsupportedModelError(
+            f"TVM's ONNX importer does not support {described}: replace or remove these ops "
+            "(e.g. move them into post-processing)"
+        )
+
+
+def _import_error(model: onnx.ModelProto, chatter: str, err: Exception) -> DetcError:
+    failed = re.search(r"Error converting operator (\w+)", chatter)
+    if failed:
+        return UnsupportedModelError(
+            f"TVM could not import {_describe_nodes(model, failed.group(1))}: {_first_line(err)}"
+        )
+    return UnsupportedModelError(f"TVM could not import the model: {_first_line(err)}")
+
+
+def _phase_error(target: Target, phase: str, err: Exception) -> DetcError:
+    relax_ops = sorted(set(re.findall(r"relax\.[a-z_][\w.]*", str(err))))
+    where = f" (Relax op {', '.join(relax_ops[:3])})" if relax_ops else ""
+    return UnsupportedModelError(
+        f"{target.name} {phase} failed{where}: {_first_line(err)}; re-run with --debug for TVM's "
+        "trace"
+    )
+
+
+# ---- registry ------------------------------------------------------------------------------
+
+_FAMILIES: dict[str, type[Target]] = {}
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    """Class decorator: make ``cls`` reachable as ``--target <cls.family>[:variant]``."""
+    _FAMILIES[cls.family] = cls
+    return cls
+
+
+def available_targets() -> list[TargetInfo]:
+    """Every target name ``--target`` accepts, with what it enables (imports no TVM)."""
+    return [info for cls in _FAMILIES.values() for info in cls.infos()]
+
+
+def resolve_target(name: str) -> Target:
+    """``"x86"`` / ``"x86:znver3"`` → a Target; BadInputError listing the known ones."""
+    family, _, variant = name.strip().partition(":")
+    cls = _FAMILIES.get(family)
+    if cls is None:
+        known = ", ".join(info.name for info in available_targets())
+        raise BadInputError(f"unknown target '{name}'; known targets: {known}")
+    return cls.from_variant(variant or None)
