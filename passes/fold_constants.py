@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnxscript.optimizer
 
+from detc.compiler.frontend.legalize import constants_as_value_tensors
 from detc.compiler.ir.pass_base import Candidate, DetcPass, PassResult, node_label
 from detc.passes._graph_facts import (
     constant_array,
@@ -43,7 +44,8 @@ class FoldConstantsPass(DetcPass):
     Identity-like values and folds Shape/Size of statically shaped values (graph inputs too).
     Other nodes reading a graph input are never folded, nor are random or control-flow nodes,
     ConstantOfShape or (De)QuantizeLinear. Exact: each node is evaluated once, at compile time,
-    by onnx's numpy reference implementation instead of at run time. Dead nodes left behind
+    by onnx's numpy reference implementation instead of at run time. Constants it creates are
+    ``Constant(value=tensor)`` at every opset. Dead nodes left behind
     (Constant nodes whose reader folded) are for eliminate-dead-code.
     """
 
@@ -60,6 +62,9 @@ class FoldConstantsPass(DetcPass):
             input_size_limit=options.input_size_limit,
             output_size_limit=options.size_limit,
         )
+        # The folder writes small results as Constant(value_ints=...): invalid ONNX before opset
+        # 12 and unread by TVM's importer. detc's graphs carry every constant as a tensor.
+        constants_as_value_tensors(model)
         # the folder reports "modified" after renaming values even when no node changed
         return PassResult(model, structure_fingerprint(model) != before)
 

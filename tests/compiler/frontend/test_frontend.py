@@ -36,7 +36,7 @@ def _tiny_conv(
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "detc.compiler.cli.app", *args],
+        [sys.executable, "-m", "detc.compiler.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -1,9 +1,10 @@
-"""Front end: ONNX files (loaded defensively) and PyTorch models, into an ``onnx_ir`` model.
+"""ONNX files, loaded defensively, into a checked and normalised model.
 
 ONNX files are untrusted input. Before anything parses them detc checks the size, refuses pickles,
 and confines external data to the model's own folder (no absolute paths, no ``..``, no symlinks
-leaving it). Then ``onnx.checker``, opset conversion into the supported range, optional static
-input shapes, and shape inference.
+leaving it). Then ``onnx.checker``, opset conversion into the supported range, the export idioms
+of :mod:`detc.compiler.frontend.legalize`, optional static input shapes, and shape inference:
+a model that shape inference proves inconsistent is refused with the node it names.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from detc.compiler.errors import BadInputError, UnsupportedModelError
+from detc.compiler.frontend.legalize import check_attributes, check_reshapes_follow, legalize
 
 #: opsets detc's passes and TVM's ONNX importer are tested with; others are converted to TARGET
 MIN_OPSET, MAX_OPSET, TARGET_OPSET = 11, 21, 17
 #: refuse bigger files unless DETC_MAX_MODEL_BYTES says otherwise (protobuf's own limit is 2 GiB)
 DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3
 
-_PICKLE_HINT = (
+PICKLE_HINT = (
     "detc never unpickles PyTorch files (a pickle can run arbitrary code): export the model "
     "with torch.export.save(...) to a .pt2 file, or to ONNX with torch.onnx.export(...)"
 )
@@ -56,7 +57,7 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -69,10 +70,10 @@ def _sniff(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
-        raise BadInputError(f"{path}: this is a Python pickle (a torch.save file?); {_PICKLE_HINT}")
+        raise BadInputError(f"{path}: this is a Python pickle (a torch.save file?); {PICKLE_HINT}")
     if head.startswith(b"PK\x03\x04"):
         raise BadInputError(
-            f"{path}: this is a zip archive (a torch.save checkpoint?), not ONNX; {_PICKLE_HINT}"
+            f"{path}: this is a zip archive (a torch.save checkpoint?), not ONNX; {PICKLE_HINT}"
         )
 
 
@@ -127,16 +128,51 @@ def _apply_input_shapes(
                 f"the input has {len(shape.dim)}"
             )
         for dim, size in zip(shape.dim, dims, strict=True):
-            if dim.HasField("dim_value") and dim.dim_value not in (0, size):
-                raise BadInputError(
-                    f"{path}: input '{name}' has a fixed size {dim.dim_value} where "
-                    f"--input-shape asks for {size}"
-                )
+            # A fixed size may change too: shape inference below proves that the graph follows
+            # the new size, or names the node that does not.
             dim.Clear()
             dim.dim_value = size
     if shapes:
-        # Intermediate shapes inferred for the old dynamic sizes would now be wrong.
+        # Shapes inferred for the old sizes would now be wrong (outputs' declared shapes too).
         del model.graph.value_info[:]
+        for output in model.graph.output:
+            if output.type.HasField("tensor_type"):
+                output.type.tensor_type.ClearField("shape")
+
+
+def _infer_shapes(model: onnx.ModelProto, path: str, reshaped: bool) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        first = " ".join(str(exc).split())
+        hint = (
+            "the graph's shapes do not follow the new --input-shape; export the model at that size"
+            if reshaped
+            else "the model is inconsistent; re-export it"
+        )
+        raise BadInputError(f"{path}: shape inference failed ({first}); {hint}") from None
+    except Exception:  # onnx's own limits (e.g. a model over 2 GiB): passes cope without shapes
+        return model
+
+
+def normalize(
+    model: onnx.ModelProto,
+    path: str,
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> onnx.ModelProto:
+    """Opset into range, export idioms legalized, input shapes fixed, shapes inferred."""
+    model = _convert_opset(model, path)
+    graph = ir.serde.deserialize_model(model)
+    legalize(graph)
+    check_attributes(graph, path)
+    model = ir.serde.serialize_model(graph)
+    if not input_shapes:
+        return _infer_shapes(model, path, reshaped=False)
+    _apply_input_shapes(model, input_shapes, path)
+    model = _infer_shapes(model, path, reshaped=True)
+    check_reshapes_follow(ir.serde.deserialize_model(model), path)
+    return model
 
 
 def load_onnx_proto(
@@ -188,18 +224,8 @@ def load_onnx_proto(
         raise BadInputError(
             f"{file}: the ONNX checker rejects this model ({first}); is it truncated?"
         ) from None
-    sha = _sha256(file)
-    model = _convert_opset(model, str(file))
-    if input_shapes:
-        _apply_input_shapes(model, input_shapes, str(file))
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # shape inference fails on some valid models; passes cope without it
-        if input_shapes:
-            raise BadInputError(
-                f"{file}: shape inference failed with the given --input-shape "
-                f"({str(exc).splitlines()[0]})"
-            ) from None
+    sha = file_sha256(file)
+    model = normalize(model, str(file), input_shapes=input_shapes)
     return model, sha
 
 
@@ -213,101 +239,3 @@ def load_onnx(
     proto, sha = load_onnx_proto(path, input_shapes=input_shapes, max_bytes=max_bytes)
     metadata = {p.key: p.value for p in proto.metadata_props}
     return LoadedModel(ir.serde.deserialize_model(proto), Path(path), sha, metadata)
-
-
-# --- PyTorch -------------------------------------------------------------------------------------
-
-
-def _export_torch(
-    program_or_module: Any,
-    example_inputs: tuple[Any, ...],
-    *,
-    input_names: Sequence[str] | None,
-    output_names: Sequence[str] | None,
-    opset: int,
-) -> onnx.ModelProto:
-    import torch
-
-    try:
-        exported = torch.onnx.export(
-            program_or_module,
-            example_inputs,
-            input_names=list(input_names) if input_names else None,
-            output_names=list(output_names) if output_names else None,
-            opset_version=opset,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
-    except Exception as exc:
-        raise UnsupportedModelError(
-            f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}"
-        ) from None
-    if exported is None:
-        raise UnsupportedModelError("torch.onnx.export returned no program")
-    return exported.model_proto
-
-
-def from_torch(
-    module: Any,
-    example_inputs: tuple[Any, ...],
-    *,
-    input_names: Sequence[str] | None = ("images",),
-    output_names: Sequence[str] | None = None,
-    opset: int = TARGET_OPSET,
-) -> LoadedModel:
-    """An ``nn.Module`` and example inputs → a checked model, via ``torch.export`` + ONNX export."""
-    import torch
-
-    if not isinstance(module, torch.nn.Module):
-        raise BadInputError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
-    module = module.eval()
-    proto = _export_torch(
-        module,
-        tuple(example_inputs),
-        input_names=input_names,
-        output_names=output_names,
-        opset=opset,
-    )
-    digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
-    return LoadedModel(ir.serde.deserialize_model(proto), None, digest, {})
-
-
-def load_pt2(path: str | os.PathLike[str], *, opset: int = TARGET_OPSET) -> LoadedModel:
-    """A ``torch.export.save`` archive (.pt2) → a checked model. Never ``torch.load``."""
-    import torch
-
-    file = Path(path)
-    if not file.is_file():
-        raise BadInputError(f"{file}: no such file")
-    if file.suffix != ".pt2":
-        raise BadInputError(f"{file}: expected a .pt2 file written by torch.export.save")
-    try:
-        program = torch.export.load(str(file))
-    except Exception as exc:
-        raise BadInputError(
-            f"{file}: not a torch.export archive ({str(exc).strip().splitlines()[0]}); "
-            f"{_PICKLE_HINT}"
-        ) from None
-    example = program.example_inputs[0] if program.example_inputs else None
-    if example is None:
-        raise BadInputError(f"{file}: the archive carries no example inputs to export with")
-    proto = _export_torch(program, tuple(example), input_names=None, output_names=None, opset=opset)
-    return LoadedModel(ir.serde.deserialize_model(proto), file, _sha256(file), {})
-
-
-def load_model(
-    path: str | os.PathLike[str], *, input_shapes: Mapping[str, tuple[int, ...]] | None = None
-) -> LoadedModel:
-    """Dispatch on the file type: ``.pt2`` through torch.export, anything else as ONNX."""
-    file = Path(path)
-    if file.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin") and file.is_file():
-        raise BadInputError(f"{file}: a pickled PyTorch file; {_PICKLE_HINT}")
-    if file.suffix == ".pt2":
-        loaded = load_pt2(file)
-        if input_shapes:
-            raise BadInputError(
-                f"{file}: --input-shape applies to ONNX files; .pt2 shapes are fixed"
-            )
-        return loaded
-    return load_onnx(file, input_shapes=input_shapes)
