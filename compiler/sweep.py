@@ -142,7 +142,7 @@ def sweep(
     if not values:
         raise BadInputError("sweep: give at least one value (--values 0.1,0.2,...)")
     pass_cls = get_pass(pass_name)
-    chosen = option or getattr(pass_cls, "sweep_option", None)
+    chosen = option or pass_cls.sweep_option
     if not chosen:
         raise BadInputError(
             f"sweep: pass '{pass_name}' names no sweep option; give one with --option NAME"

@@ -53,6 +53,16 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return tensor.numpy()
 
 
+def is_constant(value: ir.Value) -> bool:
+    """Whether ``value`` is an initializer (not also a graph input) or a Constant node's output."""
+    if value.is_graph_input():
+        return False
+    if value.is_initializer():
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain in ("", None)
+
+
 def consumers_besides(value: ir.Value, node: ir.Node) -> list[ir.Node]:
     """Nodes other than ``node`` that read ``value`` (each listed once)."""
     seen: dict[int, ir.Node] = {}

@@ -10,9 +10,10 @@ a caller's function, so no more than one image's activations are held at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -138,6 +139,14 @@ class ConvGeometry:
     @property
     def out_pixels(self) -> int:
         return self.out_size[0] * self.out_size[1]
+
+
+def terminal_progress(items: Sequence[Any], desc: str, unit: str) -> Iterator[Any]:
+    """``items`` under a progress bar on a terminal (a minutes-long step must show it is alive);
+    nothing in a log, where the stage's own log line says what runs."""
+    from tqdm import tqdm
+
+    yield from tqdm(items, desc=desc, unit=unit, leave=False, disable=None)
 
 
 def _static_dims(value: ir.Value | None) -> list[int] | None:

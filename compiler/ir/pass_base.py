@@ -6,7 +6,10 @@ subclasses :class:`DetcPass` (or :class:`RewritePass` for match/rewrite passes) 
 * ``name``: kebab-case, what pipelines and the CLI call it (``fold-conv-bn``);
 * ``exact``: True when the rewrite preserves the function in real arithmetic; approximate passes
   (pruning, low-rank, quantization) change numbers and need an explicit accuracy budget;
-* ``Options``: a frozen dataclass of typed options, parsed from pipeline text ``name{key=value}``.
+* ``Options``: a frozen dataclass of typed options, parsed from pipeline text ``name{key=value}``;
+* optionally, which of those options the tools fill in: ``calibration_option`` (the folder of
+  calibration images that ``--calib DIR`` sets) and ``sweep_option`` (what ``detc sweep`` varies);
+* ``report``: what the last run decided (approximate passes), with ``to_dict()`` and ``table()``.
 
 A pass is in place: ``call(model)`` mutates ``model`` and returns ``PassResult(model, modified)``.
 """
@@ -20,7 +23,7 @@ import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import onnx_ir as ir
 import onnx_ir.passes
@@ -61,6 +64,14 @@ class Candidate:
         return f"{self.op_type} '{self.node}': {verdict}"
 
 
+class PassReport(Protocol):
+    """What an approximate pass decided in its last run: for the manifest and the terminal."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def table(self) -> str: ...
+
+
 def node_label(node: ir.Node) -> str:
     """How messages name a node: its name, or its first output when it has none."""
     if node.name:
@@ -76,6 +87,13 @@ class DetcPass(onnx_ir.passes.InPlacePass):
     name: ClassVar[str]
     exact: ClassVar[bool]
     Options: ClassVar[type] = NoOptions
+    #: the option naming a folder of calibration images the pass reads: ``--calib DIR`` sets it
+    #: on every step of a pipeline that leaves it unset; None: the pass reads no images
+    calibration_option: ClassVar[str | None] = None
+    #: the option ``detc sweep`` varies unless told another (an approximate pass's strength)
+    sweep_option: ClassVar[str | None] = None
+    #: what the last run decided, once the pass has run (approximate passes set it)
+    report: PassReport | None = None
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -97,6 +115,14 @@ class DetcPass(onnx_ir.passes.InPlacePass):
             raise BadInputError(f"pass class {where} ({name}): declare `exact = True/False`")
         if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise BadInputError(f"pass class {where} ({name}): `Options` must be frozen dataclass")
+        fields = {f.name for f in dataclasses.fields(cls.Options)}
+        for kind in ("calibration_option", "sweep_option"):
+            declared = getattr(cls, kind)
+            if declared is not None and declared not in fields:
+                raise BadInputError(
+                    f"pass class {where} ({name}): `{kind} = {declared!r}` is not one of its "
+                    f"options ({', '.join(sorted(fields)) or 'none'})"
+                )
 
     @classmethod
     def from_text_options(cls, raw: Iterable[tuple[str, str]]) -> DetcPass:

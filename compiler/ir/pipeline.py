@@ -90,6 +90,20 @@ def with_option_default(pipeline: Pipeline, key: str, value: str) -> tuple[Pipel
     return Pipeline(tuple(steps)), given
 
 
+def with_calibration_images(pipeline: Pipeline, folder: str) -> tuple[Pipeline, list[str]]:
+    """``folder`` as the calibration images of every step whose pass declares a
+    ``calibration_option`` the step does not set itself (``--calib DIR``); also those passes'
+    names."""
+    steps, given = [], []
+    for step in pipeline.steps:
+        key = get_pass(step.name).calibration_option
+        if key is not None and key not in dict(step.options):
+            step = PipelineStep(step.name, (*step.options, (key, folder)))
+            given.append(step.name)
+        steps.append(step)
+    return Pipeline(tuple(steps)), given
+
+
 class _Scanner:
     def __init__(self, text: str) -> None:
         self.text = text

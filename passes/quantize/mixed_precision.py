@@ -10,14 +10,13 @@ over budget, keeps the most sensitive layers in float — ranked by those measur
 a list of layer names — growing their number 1, 2, 4, ... until the drop fits, then bisecting
 for the fewest. Each trial is a real mAP measurement of the model it returns.
 
-The quantized models are QDQ ONNX from :mod:`detc.passes.quantize.core`, run by onnxruntime.
+The quantized models are QDQ ONNX from :mod:`detc.passes.quantize.qdq`, run by onnxruntime.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,11 @@ import numpy as np
 import onnx
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import write_file_atomically
 from detc.compiler.reference import ort_session, run_session
 from detc.passes.calibration import Feeds
-from detc.passes.quantize.core import (
-    Calibration,
-    CalibrationSource,
-    QuantLayer,
-)
+from detc.passes.quantize.calibrate import Calibration, CalibrationSource
+from detc.passes.quantize.qdq import QuantLayer
 
 #: an SQNR of an exact channel (no noise) counts as this in averages
 _CAP_DB = 200.0
@@ -506,15 +503,10 @@ def write_sensitivity_plot(report: SensitivityReport, path: str | os.PathLike[st
         map_axis.set_xlabel("mAP@[.5:.95] change, this layer alone int8 (points)")
     figure.suptitle(f"int8 sensitivity ({report.method} ranges), ranked by {report.rank_by}")
     figure.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, target)
+        write_file_atomically(target, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(figure)
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 

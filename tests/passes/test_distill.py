@@ -1,4 +1,5 @@
-"""_distill: the torch executor against onnxruntime, training towards a teacher, failure modes."""
+"""distill and torch_graph: the torch executor against onnxruntime, training towards a teacher,
+failure modes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from onnx import helper
 
 from detc.compiler.errors import BadInputError
 from detc.compiler.tolerances import FP32_EXACT
-from detc.passes.distill import DistillSettings, TorchGraph, distill, distill_targets
+from detc.passes.distill import DistillSettings, distill, distill_targets
+from detc.passes.torch_graph import TorchGraph
 from tests._models import (
     assert_outputs_close,
     constant_node,

@@ -396,12 +396,12 @@ def test_probe_scores_detections_against_the_originals(
     rng: np.random.Generator, calib_dir: Path
 ) -> None:
     from detc.passes.calibration import calibration_feeds
-    from detc.passes.prune.core import _OutputProbe
+    from detc.passes.prune.probe import OutputProbe
 
     model = yolo_like(rng)
     cg = analyze_channels(model.graph)
     feeds = calibration_feeds(model, calib_dir, max_images=4)
-    probe = _OutputProbe(model, cg, feeds, None)
+    probe = OutputProbe(model, cg, feeds, None)
     assert probe.metric == "1 - mAP@[.5:.95] against the original's detections"
     assert probe.distortion({}) == 0.0  # the original agrees with itself
 
@@ -414,21 +414,21 @@ def test_probe_scores_detections_against_the_originals(
 
 def test_agreement_is_coco_style_map_against_reference_detections() -> None:
     from detc.compiler.detection.decoders import Detections
-    from detc.passes.prune.core import _agreement
+    from detc.passes.prune.probe import agreement
 
     boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 0, 60, 30]], np.float32)
     truths = [Detections(boxes, np.ones(3), np.array([0, 0, 1]))]
     same = [Detections(boxes, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 1]))]
-    assert _agreement(truths, same) == 1.0
+    assert agreement(truths, same) == 1.0
     # a false positive ranked below every true one leaves AP at 1; one missed box does not
     extra = Detections(np.vstack([boxes, [[80, 80, 90, 90]]]), [0.9, 0.8, 0.7, 0.1], [0, 0, 1, 0])
-    assert _agreement(truths, [extra]) == 1.0
+    assert agreement(truths, [extra]) == 1.0
     missing = Detections(boxes[:2], [0.9, 0.8], [0, 0])
-    assert _agreement(truths, [missing]) == pytest.approx(0.5)  # class 1 found nothing
+    assert agreement(truths, [missing]) == pytest.approx(0.5)  # class 1 found nothing
     # a box shifted to IoU 0.8 with its truth counts at the thresholds 0.5 .. 0.8 only
     shifted = boxes.copy()
     shifted[2] = [50, 0, 60, 0 + 30 * 0.8]
-    partial = _agreement(truths, [Detections(shifted, [0.9, 0.8, 0.7], [0, 0, 1])])
+    partial = agreement(truths, [Detections(shifted, [0.9, 0.8, 0.7], [0, 0, 1])])
     assert partial == pytest.approx((1.0 + 7 / 10) / 2)
 
 
@@ -496,7 +496,7 @@ def test_sweep_cli_passes_calib_to_the_pass(
 
     path = tmp_path / "detector.onnx"
     onnx.save(ir.serde.serialize_model(detector(rng)), path)
-    command = [sys.executable, "-m", "detc.compiler.cli.app", "sweep", str(path), "--pass", "prune"]
+    command = [sys.executable, "-m", "detc.compiler.cli", "sweep", str(path), "--pass", "prune"]
     command += ["--values", "0.25", "--options", "multiple=2", "--calib", str(calib_dir)]
     result = subprocess.run(
         [*command, "--runs", "2", "--threads", "1", "--json"],

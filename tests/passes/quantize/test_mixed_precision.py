@@ -26,9 +26,9 @@ from detc.compiler.cli.quant import quant_report
 from detc.compiler.detection.decoders import Detections, register_decoder
 from detc.compiler.detection.spec import ModelSpec
 from detc.compiler.errors import BadInputError
-from detc.passes.quantize.core import QuantizeOptions, QuantizePass, quantized_nodes
+from detc.passes.quantize.calibrate import Calibration
+from detc.passes.quantize.core import QuantizeOptions, QuantizePass
 from detc.passes.quantize.mixed_precision import (
-    Calibration,
     LayerSensitivity,
     channel_axis,
     channel_sqnr_db,
@@ -38,6 +38,7 @@ from detc.passes.quantize.mixed_precision import (
     rank_layers,
     sqnr_db,
 )
+from detc.passes.quantize.qdq import quantized_nodes
 from tests._models import make_model, run_ort, value_info
 
 SIZE = 16

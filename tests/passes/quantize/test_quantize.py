@@ -16,13 +16,10 @@ from detc.compiler.errors import BadInputError
 from detc.compiler.ir.pipeline import parse_pipeline
 from detc.compiler.tolerances import FP16
 from detc.passes.calibration import calibration_feeds
-from detc.passes.quantize.core import (
-    QuantizeOptions,
-    QuantizePass,
-    activation_ranges,
-    quantized_nodes,
-)
+from detc.passes.quantize.core import QuantizeOptions, QuantizePass
 from detc.passes.quantize.mixed_precision import sqnr_db
+from detc.passes.quantize.qdq import quantized_nodes
+from detc.passes.quantize.ranges import activation_ranges
 from tests._models import (
     assert_outputs_close,
     explain_reasons,
@@ -147,7 +144,7 @@ def test_dense_weights_are_scaled_per_output_column(
         {"w": weight},
     )
     feeds = [{"x": rng.normal(0, 1, (4, 20)).astype(np.float32)} for _ in range(4)]
-    from detc.passes.quantize.core import calibrate_model
+    from detc.passes.quantize.calibrate import calibrate_model
 
     proto = calibrate_model(model, feeds, method="minmax").quantize()
     dequantize = _dequantize_of(proto, "dense", 1)

@@ -1,0 +1,217 @@
+"""Trial cuts of ``allocation=outputs``: a group cut alone, its consumers refit in one shot,
+and the damage measured on the model's outputs (as detections when a decoder reads them)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from detc.compiler.detection.decoders import Detections, decode
+from detc.compiler.detection.nms import box_iou
+from detc.compiler.detection.spec import ModelSpec, load_spec, spec_from_onnx
+from detc.compiler.errors import BadInputError
+from detc.compiler.reference import ort_session, run_session, to_proto
+from detc.passes.calibration import with_extra_outputs
+from detc.passes.prune.groups import ChannelGraph, ChannelGroup
+from detc.passes.prune.options import ProbeCut
+from detc.passes.prune.reconstruct import patch_mask
+from detc.passes.prune.statistics import Statistics, is_head, one_shot
+
+#: how deep (fraction of its channels) allocation=outputs cuts each group, alone, to measure it
+_PROBE_DEPTHS = (0.125, 0.25, 0.375, 0.5)
+#: a reference detection from this score up is a pseudo ground truth of the agreement score
+_CONFIDENT_SCORE = 0.25
+_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+
+
+def probe_cuts(group: ChannelGroup, floor: int, multiple: int) -> list[int]:
+    """How many units each trial of ``group`` removes: its depths, in whole multiples."""
+    cuts: list[int] = []
+    for depth in _PROBE_DEPTHS:
+        units = min(multiple * max(1, math.ceil(group.size * depth / multiple)), group.size - floor)
+        if units > 0 and units not in cuts:
+            cuts.append(units)
+    return cuts
+
+
+def trial_weights(
+    cg: ChannelGraph,
+    group: ChannelGroup,
+    removed: np.ndarray,
+    stats: Statistics,
+    ridge: float,
+) -> dict[ir.Node, tuple[np.ndarray, np.ndarray]]:
+    """Weights of the Convs reading ``group`` once ``removed`` go, refit in one shot.
+
+    The removed inputs keep zero columns instead of being sliced away: the same function as the
+    pruned graph, so a trial is the original graph with a few weights swapped. The ridge is
+    fixed: choosing it on held-back images, as the final refit does, measured no better
+    allocation and costs a solve per strength and trial.
+    """
+    weights: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
+    for consumer in group.consumers:
+        layer = stats.layers.get(id(consumer))
+        keep_in = cg.keep_mask(consumer.inputs[0], removed)
+        if layer is None or keep_in is None or keep_in.all():
+            continue
+        columns = patch_mask(keep_in, layer.taps)
+        theta = one_shot(layer, keep_in, None).solve(ridge, prior=layer.original[:, columns].T)
+        full = np.zeros_like(layer.original)
+        full[:, columns] = theta.T
+        dtype = layer.role.weight.dtype
+        weights[consumer] = (
+            full[:, :-1].reshape(layer.role.weight.shape).astype(dtype),
+            full[:, -1].astype(dtype),
+        )
+    return weights
+
+
+class OutputProbe:
+    """Runs the original graph with some Convs' weights swapped; scores its outputs.
+
+    The score is the disagreement with the original model: with a decoder that reads the
+    outputs (the model spec's), one minus the mAP@[.5:.95] of the trial's detections against the
+    original's confident detections; else the relative squared error of the head Convs'
+    outputs (per channel, averaged), or of the graph outputs when there is no head.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        cg: ChannelGraph,
+        feeds: Sequence[dict[str, np.ndarray]],
+        spec_path: Path | None,
+    ) -> None:
+        heads = [r.node.outputs[0] for r in cg.convs if is_head(cg, r.node)]
+        self._compared = [v.name for v in heads if v.name and not v.is_graph_output()]
+        base = to_proto(model)
+        self._base = with_extra_outputs(base, self._compared) if self._compared else base
+        if not self._compared:
+            self._compared = [o.name for o in self._base.graph.output]
+        self._positions = {id(node): i for i, node in enumerate(model.graph)}
+        self._feeds = list(feeds)
+        session = ort_session(self._base)
+        self._reference = [run_session(session, feed) for feed in self._feeds]
+        self._spec = self._detection_spec(spec_path)
+        self._truths: list[Detections] | None = None
+        if self._spec is not None:
+            self._truths = [d.above(_CONFIDENT_SCORE) for d in self._detections(self._reference)]
+            if not any(len(d) for d in self._truths):
+                self._truths = None
+        self.metric = (
+            "1 - mAP@[.5:.95] against the original's detections"
+            if self._truths is not None
+            else "relative squared error of the head Convs' outputs"
+        )
+        self.cuts: list[ProbeCut] = []
+
+    def _detection_spec(self, spec_path: Path | None) -> ModelSpec | None:
+        spec = load_spec(spec_path) if spec_path is not None else spec_from_onnx(self._base)
+        try:  # a spec inferred for a model that is no detector: its outputs do not decode
+            self._detections(self._reference[:1], spec)
+        except (BadInputError, ValueError, IndexError, KeyError):
+            return None
+        return spec
+
+    def _detections(
+        self, outputs: Sequence[dict[str, np.ndarray]], spec: ModelSpec | None = None
+    ) -> list[Detections]:
+        chosen = spec or self._spec
+        assert chosen is not None
+        return [decode(chosen.decoder, o, chosen) for o in outputs]
+
+    def distortion(self, weights: dict[ir.Node, tuple[np.ndarray, np.ndarray]]) -> float:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self._base)
+        for number, (node, (weight, bias)) in enumerate(weights.items()):
+            target = proto.graph.node[self._positions[id(node)]]
+            names = (f"prune_probe_{number}_weight", f"prune_probe_{number}_bias")
+            proto.graph.initializer.extend(
+                [
+                    onnx.numpy_helper.from_array(weight, names[0]),
+                    onnx.numpy_helper.from_array(bias, names[1]),
+                ]
+            )
+            inputs = [*target.input, "", ""][:3]
+            inputs[1:3] = names
+            del target.input[:]
+            target.input.extend(inputs)
+        session = ort_session(proto)
+        outputs = [run_session(session, feed) for feed in self._feeds]
+        if self._truths is not None:
+            return 1.0 - agreement(self._truths, self._detections(outputs))
+        return _relative_error(self._reference, outputs, self._compared)
+
+
+def _relative_error(
+    reference: Sequence[dict[str, np.ndarray]],
+    outputs: Sequence[dict[str, np.ndarray]],
+    names: Sequence[str],
+) -> float:
+    """Squared error over variance, per channel (axis 1) of each tensor, averaged."""
+    ratios = []
+    for name in names:
+        expected = np.concatenate([r[name] for r in reference]).astype(np.float64)
+        actual = np.concatenate([o[name] for o in outputs]).astype(np.float64)
+        if expected.ndim >= 2:
+            expected = np.moveaxis(expected, 1, 0).reshape(expected.shape[1], -1)
+            actual = np.moveaxis(actual, 1, 0).reshape(actual.shape[1], -1)
+        else:
+            expected, actual = expected.reshape(1, -1), actual.reshape(1, -1)
+        error = ((actual - expected) ** 2).sum(axis=1)
+        variance = ((expected - expected.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        ratios.append(error / (variance + 1e-3 * float(variance.mean()) + 1e-30))
+    return float(np.concatenate(ratios).mean())
+
+
+def agreement(truths: Sequence[Detections], found: Sequence[Detections]) -> float:
+    """COCO-style mAP@[.5:.95] of ``found`` with ``truths`` as ground truth (classes apart).
+
+    Detections go by falling score; each takes the best-overlapping truth of its class not yet
+    taken at that IoU threshold; precision is interpolated at 101 recall points.
+    """
+    classes = np.unique(np.concatenate([t.class_ids for t in truths]))
+    recall_points = np.linspace(0.0, 1.0, 101)
+    precisions = []
+    for cls in classes.tolist():
+        total = sum(int((t.class_ids == cls).sum()) for t in truths)
+        scores: list[np.ndarray] = []
+        hits: list[np.ndarray] = []
+        for truth, candidate in zip(truths, found, strict=True):
+            boxes = candidate.boxes[candidate.class_ids == cls]
+            order = np.argsort(-candidate.scores[candidate.class_ids == cls], kind="stable")
+            boxes = boxes[order]
+            scores.append(candidate.scores[candidate.class_ids == cls][order])
+            targets = truth.boxes[truth.class_ids == cls]
+            matched = np.zeros((len(_IOU_THRESHOLDS), len(boxes)), bool)
+            if len(boxes) and len(targets):
+                iou = box_iou(boxes, targets)
+                for t, threshold in enumerate(_IOU_THRESHOLDS.tolist()):
+                    taken = np.zeros(len(targets), bool)
+                    for d in range(len(boxes)):
+                        row = np.where(taken, -1.0, iou[d])
+                        best = int(np.argmax(row))
+                        if row[best] >= threshold:
+                            taken[best] = True
+                            matched[t, d] = True
+            hits.append(matched)
+        all_scores = np.concatenate(scores)
+        order = np.argsort(-all_scores, kind="stable")
+        all_hits = np.concatenate(hits, axis=1)[:, order]
+        true_positives = np.cumsum(all_hits, axis=1)
+        precision = true_positives / np.arange(1, all_hits.shape[1] + 1)
+        recall = true_positives / total
+        for t in range(len(_IOU_THRESHOLDS)):
+            sampled = np.zeros(len(recall_points))
+            if len(order):
+                envelope = np.maximum.accumulate(precision[t][::-1])[::-1]
+                index = np.searchsorted(recall[t], recall_points, side="left")
+                valid = index < len(envelope)
+                sampled[valid] = envelope[index[valid]]
+            precisions.append(float(sampled.mean()))
+    return float(np.mean(precisions)) if precisions else 1.0
