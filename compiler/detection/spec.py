@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import write_text_atomically
 
 RESIZE_MODES = ("letterbox", "resize")
 PAD_ALIGNMENTS = ("center", "top-left")
@@ -33,6 +34,34 @@ DTYPES = ("float32", "float16")
 #: keys a spec file may carry that are not fields: recorded by tools that write specs
 #: (``synth``: how a synthetic demo model was made; ``trained``: its training record).
 DOCUMENTED_EXTRA_KEYS = frozenset({"synth", "trained"})
+
+#: Each decoder names a detector family, and the family fixes how images are prepared: naming the
+#: decoder brings its preprocessing unless the same spec or flags say otherwise. YOLOv5/v8
+#: (Ultralytics): RGB in 0..1, letterbox centred on gray 114. YOLOX (Megvii's ``preproc``): BGR
+#: as OpenCV reads it, raw 0..255, the image at the top-left of a gray-114 canvas.
+_ULTRALYTICS = {
+    "resize": "letterbox",
+    "pad_value": 114.0,
+    "pad_align": "center",
+    "channel_order": "RGB",
+    "scale": 1.0 / 255.0,
+    "mean": (0.0, 0.0, 0.0),
+    "std": (1.0, 1.0, 1.0),
+}
+_YOLOX = {**_ULTRALYTICS, "pad_align": "top-left", "channel_order": "BGR", "scale": 1.0}
+FAMILY_PREPROCESSING: Mapping[str, Mapping[str, Any]] = {
+    "yolov5": _ULTRALYTICS,
+    "yolov8": _ULTRALYTICS,
+    "demo": _ULTRALYTICS,
+    "yolox": _YOLOX,
+    "yolox-logits": _YOLOX,
+}
+
+
+def family_preprocessing(decoder: str) -> dict[str, Any]:
+    """The preprocessing fields a decoder's family prescribes ({} for a custom decoder)."""
+    return dict(FAMILY_PREPROCESSING.get(decoder, {}))
+
 
 #: YOLOv5 / YOLOv8 exports store the input size they were made for; used when the graph's
 #: input has symbolic spatial dimensions.
@@ -136,8 +165,18 @@ class ModelSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> ModelSpec:
-        """Build a spec from parsed JSON/TOML; unknown keys are an error unless documented."""
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str | None = None,
+        base: ModelSpec | None = None,
+    ) -> ModelSpec:
+        """Build a spec from parsed JSON/TOML; unknown keys are an error unless documented.
+
+        Keys the file leaves out come from ``base`` (the spec inferred from the model, say),
+        else from the decoder family's preprocessing, else from the defaults.
+        """
         where = f" in {source}" if source else ""
         if not isinstance(data, Mapping):
             raise BadInputError(f"model spec{where} is not a table/object of keys")
@@ -150,7 +189,10 @@ class ModelSpec:
                     f"model spec{where}: unknown key {key!r}; known keys: {', '.join(_KEYS)}"
                 )
             kwargs[key] = _coerce(key, value, source)
-        return cls(**kwargs, source=source)
+        if base is not None:
+            return dataclasses.replace(base.with_overrides(**kwargs), source=source)
+        decoder = kwargs.get("decoder", cls.decoder)
+        return cls(**{**family_preprocessing(decoder), **kwargs}, source=source)
 
     def with_overrides(self, **flags: Any) -> ModelSpec:
         """A copy with ``flags`` applied; flags whose value is None are ignored (unset CLI flags).
@@ -167,6 +209,9 @@ class ModelSpec:
                     f"model spec override: unknown key {key!r}; known keys: {', '.join(_KEYS)}"
                 )
             changes[key] = _coerce(key, value, "override")
+        if changes.get("decoder", self.decoder) != self.decoder:
+            # a new family brings its preprocessing; fields given beside it still win
+            changes = {**family_preprocessing(changes["decoder"]), **changes}
         return dataclasses.replace(self, **changes) if changes else self
 
 
@@ -274,8 +319,11 @@ def _names_from_mapping(names: Mapping[Any, Any]) -> list[str]:
     return [indexed[i] for i in range(len(indexed))]
 
 
-def load_spec(path: str | Path) -> ModelSpec:
-    """Read a spec from a ``.json`` or ``.toml`` file (flat keys, as `ModelSpec.to_dict` gives)."""
+def load_spec(path: str | Path, *, base: ModelSpec | None = None) -> ModelSpec:
+    """Read a spec from a ``.json`` or ``.toml`` file (flat keys, as `ModelSpec.to_dict` gives).
+
+    Keys the file leaves out come from ``base`` when given (see :func:`spec_for_model`).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -300,15 +348,25 @@ def load_spec(path: str | Path) -> ModelSpec:
             raise BadInputError(f"model spec {path} is not valid TOML ({err})") from None
     else:
         raise BadInputError(f"model spec {path}: use a .json or .toml file")
-    return ModelSpec.from_dict(data, source=str(path))
+    return ModelSpec.from_dict(data, source=str(path), base=base)
+
+
+def spec_for_model(
+    model: onnx.ModelProto | str | Path, spec_path: str | Path | None = None, **overrides: Any
+) -> ModelSpec:
+    """The spec to use for ``model``: inferred from it, then a spec file's keys, then overrides.
+
+    A spec file that names only the decoder keeps the model's own input size and names.
+    """
+    inferred = spec_from_onnx(model)
+    spec = load_spec(spec_path, base=inferred) if spec_path is not None else inferred
+    return spec.with_overrides(**overrides)
 
 
 def write_spec(spec: ModelSpec, path: str | Path) -> Path:
     """Write ``spec`` as JSON (atomically: temp file + rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(spec.to_dict(), indent=2) + "\n")
     return path
 
 
@@ -387,6 +445,7 @@ def spec_from_onnx(model: onnx.ModelProto | str | Path, **overrides: Any) -> Mod
 
     decoder = _guess_decoder(graph, len(class_names))
     spec = ModelSpec(
+        **family_preprocessing(decoder),
         input_name=image_input.name,
         input_size=size,
         layout=layout,
