@@ -41,14 +41,14 @@ def calibration_feeds(
     inferred from the model (YOLO-style letterbox, RGB, 1/255).
     """
     from detc.compiler.detection.datasets import ImageFolder, load_image, preprocess
-    from detc.compiler.detection.spec import load_spec, spec_from_onnx
+    from detc.compiler.detection.spec import spec_for_model
 
     root = Path(source)
     if not root.is_dir():
         raise BadInputError(f"calibration data {root} is not a folder: give calib=DIR of images")
     if max_images < 1:
         raise BadInputError(f"calibration needs at least one image, got calib_images={max_images}")
-    spec = load_spec(spec_path) if spec_path is not None else spec_from_onnx(to_proto(model))
+    spec = spec_for_model(to_proto(model), spec_path)
     folder = ImageFolder(root)
     rng = np.random.default_rng(seed)
     count = min(max_images, len(folder.paths))

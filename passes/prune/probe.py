@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from detc.compiler.detection.decoders import Detections, decode
 from detc.compiler.detection.nms import box_iou
-from detc.compiler.detection.spec import ModelSpec, load_spec, spec_from_onnx
+from detc.compiler.detection.spec import ModelSpec, spec_for_model
 from detc.compiler.errors import BadInputError
 from detc.compiler.reference import ort_session, run_session, to_proto
 from detc.passes.calibration import with_extra_outputs
@@ -111,7 +111,7 @@ class OutputProbe:
         self.cuts: list[ProbeCut] = []
 
     def _detection_spec(self, spec_path: Path | None) -> ModelSpec | None:
-        spec = load_spec(spec_path) if spec_path is not None else spec_from_onnx(self._base)
+        spec = spec_for_model(self._base, spec_path)
         try:  # a spec inferred for a model that is no detector: its outputs do not decode
             self._detections(self._reference[:1], spec)
         except (BadInputError, ValueError, IndexError, KeyError):

@@ -205,9 +205,9 @@ class MapMeter:
         threads: int = 0,
     ) -> None:
         from detc.compiler.detection.datasets import CocoDataset
-        from detc.compiler.detection.spec import load_spec, spec_from_onnx
+        from detc.compiler.detection.spec import spec_for_model
 
-        spec = load_spec(spec_path) if spec_path is not None else spec_from_onnx(model)
+        spec = spec_for_model(model, spec_path)
         if decoder is not None:
             spec = spec.with_overrides(decoder=decoder)
         if not spec.decoder:
