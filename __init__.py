@@ -6,6 +6,12 @@ The public Python API lives here; see README.md for the CLI.
 
 from __future__ import annotations
 
+import os
+
+# onnxruntime writes a device id and a telemetry database under ~/.cache/Microsoft when it is
+# imported unless this is set first; detc writes nothing outside the outputs it is asked for.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from detc.compiler import *  # noqa: F403  (the public API is defined in detc.compiler)
 from detc.compiler import __all__ as _compiler_all
 
