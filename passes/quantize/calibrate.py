@@ -64,8 +64,8 @@ def calibrate_model(
     settings: QdqSettings = QdqSettings(),  # noqa: B008 (a frozen dataclass)
 ) -> CalibratedModel:
     """Name the nodes of (a copy of) ``model``, find its quantizable layers, calibrate them."""
-    work = ir.serde.deserialize_model(to_proto(model))  # a copy: ``model`` is never touched
-    _check_opset(work, settings)
+    # a copy: ``model`` is never touched
+    work = ir.serde.deserialize_model(_at_qdq_opset(to_proto(model), settings))
     name_unnamed_nodes(work.graph)
     layers, rejected = quantizable_layers(work, op_types, excluded)
     proto = ir.serde.serialize_model(work)
@@ -162,10 +162,23 @@ class Calibration:
         return calibrated
 
 
-def _check_opset(model: ir.Model, settings: QdqSettings) -> None:
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    if settings.per_channel and opset < _MIN_QDQ_OPSET:
+def _at_qdq_opset(model: onnx.ModelProto, settings: QdqSettings) -> onnx.ModelProto:
+    """Per-channel QDQ needs opset 13 (the ``axis`` of QuantizeLinear): convert older models.
+
+    Converting an opset is exact (the same computation in newer operator versions); a model that
+    onnx's converter cannot convert is refused with what to do.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not settings.per_channel or opset >= _MIN_QDQ_OPSET:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, _MIN_QDQ_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInputError(
-            f"per-channel int8 needs opset >= {_MIN_QDQ_OPSET}, the model has {opset}: convert it "
-            "(onnx.version_converter) or give per_channel=false"
-        )
+            f"per-channel int8 needs opset >= {_MIN_QDQ_OPSET}; converting this opset-{opset} "
+            f"model failed ({first}): re-export it at opset {_MIN_QDQ_OPSET} or give "
+            "per_channel=false"
+        ) from None
+    return converted

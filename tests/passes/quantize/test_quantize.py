@@ -491,3 +491,13 @@ def test_a_float_layer_reading_a_shared_dequantized_input_is_not_counted_int8(
     assert quantized_nodes(proto) == {"a"}
     assert pass_.report is not None
     assert {d.name for d in pass_.report.layers if not d.quantized} == {"b"}
+
+
+def test_an_opset_11_model_is_converted_not_refused(rng: np.random.Generator, calib_dir: Path):
+    model = two_convs(rng)
+    model.opset_imports[""] = 11
+    _quantize(model, calib=calib_dir)  # "per-channel int8 needs opset >= 13 ... convert it" before
+    proto = ir.serde.serialize_model(model)
+    assert next(o.version for o in proto.opset_import if o.domain == "") >= 13
+    onnx.checker.check_model(proto, full_check=True)
+    assert op_types(model).count("QuantizeLinear") == 2
