@@ -50,3 +50,27 @@ class PassError(DetcError):
     """A pass crashed; the message says where the reproducer was written (exit 2)."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+#: characters a terminal acts on rather than prints: C0 and C1 controls (ESC starts colour,
+#: clear-screen and window-title sequences), DEL, and the bidirectional overrides that reorder
+#: what a reader sees
+_UNPRINTABLE = frozenset(
+    [*map(chr, range(0x00, 0x20)), "\x7f", *map(chr, range(0x80, 0xA0))]
+    + [chr(c) for c in (0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))]
+)
+
+
+def escape_control(text: str, *, keep: str = "") -> str:
+    """``text`` with every terminal control character shown as an escape (``\\x1b``, ``\\u202e``).
+
+    Model files name nodes, inputs and files; whatever detc prints of them passes through here so
+    that a name cannot clear the screen or retitle the window. ``keep`` lists controls to pass
+    through (a multi-line report keeps ``"\\n"``).
+    """
+    if not any(ch in _UNPRINTABLE for ch in text):
+        return text
+    return "".join(
+        ch if ch in keep or ch not in _UNPRINTABLE else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
