@@ -24,7 +24,7 @@ Layouts (4 int32 lanes per NEON register)::
 
     data     [N, C, H, W]                 uint8 or int8
     packed   [N, C/4, H', W', 4]          int8: four input channels per 32-bit word, padded
-    kernel   [OC/4, C/4, KH, KW, 4, 4]    int8  (:func:`~detc.kernels.conv2d_int8.pack_weight`)
+    kernel   [OC/4, C/4, KH, KW, 4, 4]    int8  (:func:`~detc.kernels.int8_geometry.pack_weight`)
     acc      [N, OC/4, OH, OW', 4]        int32, a register tile
     output   [N, OC, OH, OW]              uint8, int8 or float32
 
@@ -51,20 +51,16 @@ from tvm.script import tirx as T
 # kernel's own computation, so that both architectures compute the same integer and float
 # operations in the same order by construction; only the packed data's signedness, the lanes
 # and the tensor intrinsics differ.
-from detc.kernels.conv2d_int8 import (
-    OPAQUE_PATTERN,
+from detc.kernels.conv2d_int8 import OPAQUE_PATTERN, Int8Kernel, build_conv2d_int8
+from detc.kernels.int8_compute import channel_layout_sum, output_stage, packed_input
+from detc.kernels.int8_geometry import (
     Geometry,
     Int8Isa,
-    Int8Kernel,
     QuantizedConv2d,
-    build_conv2d_int8,
-    channel_layout_sum,
-    output_stage,
     pack_weight,
-    packed_input,
     pick_ow_tile,
-    schedule_conv2d_int8_tile,
 )
+from detc.kernels.int8_schedules import schedule_conv2d_int8_tile
 
 #: int32 lanes of one NEON register: output channels one dot-product step covers
 LANES = 4

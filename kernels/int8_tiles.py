@@ -26,12 +26,12 @@ from detc.kernels.conv2d_int8 import (
     PIXELS,
     QuantizedConv2d,
     Tiles,
-    _geometry,
     build_conv2d_int8,
     default_tiles,
     flattens_pixels,
     int8_isa,
     pixel_layout_applies,
+    plan_geometry,
 )
 
 #: (channel blocks, pixels) register tiles of the channel layout; 2 × 10 was the old default
@@ -87,7 +87,7 @@ def candidate_tiles(
         if tiles.get("layout") == PIXELS and flattens_pixels(conv):
             shape = (data_shape[0], data_shape[1], 1, data_shape[2] * data_shape[3])
         try:
-            _geometry(shape, conv, isa, tiles)
+            plan_geometry(shape, conv, isa, tiles)
         except ValueError:
             continue
         if tiles not in valid:
@@ -101,10 +101,12 @@ def measure_tiles(
     target: tvm.target.Target,
     candidates: list[Tiles],
     rounds: int = ROUNDS,
+    *,
+    device: tvm.runtime.Device,
 ) -> list[tuple[Tiles, float]]:
-    """Median seconds of each candidate on this machine (random data; rounds interleaved so
-    that a drift of the machine's speed hits every candidate alike), fastest first."""
-    device = tvm.cpu()
+    """Median seconds of each candidate on ``device`` (the caller's target's, e.g.
+    ``tvm.cpu(0)``; random data; rounds interleaved so that a drift of the machine's speed hits
+    every candidate alike), fastest first."""
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, data_shape).astype(conv.input_dtype)
     timers = []
