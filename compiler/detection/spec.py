@@ -171,11 +171,15 @@ class ModelSpec:
         *,
         source: str | None = None,
         base: ModelSpec | None = None,
+        allow_decoder_hooks: bool = True,
     ) -> ModelSpec:
         """Build a spec from parsed JSON/TOML; unknown keys are an error unless documented.
 
         Keys the file leaves out come from ``base`` (the spec inferred from the model, say),
-        else from the decoder family's preprocessing, else from the defaults.
+        else from the decoder family's preprocessing, else from the defaults. A spec read from
+        something detc did not get from the user (an artifact's manifest) passes
+        ``allow_decoder_hooks=False``: its decoder must then be a registered name, never a
+        ``package.module:function`` to import.
         """
         where = f" in {source}" if source else ""
         if not isinstance(data, Mapping):
@@ -189,6 +193,13 @@ class ModelSpec:
                     f"model spec{where}: unknown key {key!r}; known keys: {', '.join(_KEYS)}"
                 )
             kwargs[key] = _coerce(key, value, source)
+        decoder_text = str(kwargs.get("decoder", ""))
+        if not allow_decoder_hooks and ":" in decoder_text:
+            raise BadInputError(
+                f"model spec{where} names the decoder {decoder_text!r}, a module to import: detc "
+                "runs no code that a file it was given names; pass --decoder "
+                f"{decoder_text} yourself if you trust it"
+            )
         if base is not None:
             return dataclasses.replace(base.with_overrides(**kwargs), source=source)
         decoder = kwargs.get("decoder", cls.decoder)
