@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from detc.compiler.detection.layouts import IMAGE_SUFFIXES, locate_dataset, read_annotations
 from detc.compiler.detection.spec import ModelSpec
 from detc.compiler.errors import BadInputError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -148,28 +146,22 @@ def _samples(
 
 
 class CocoDataset:
-    """A COCO-format detection set: ``root/images/*`` and ``root/instances.json``.
+    """A labelled detection set in any layout :func:`locate_dataset` knows, as COCO.
 
-    Iterate with ``dataset.samples(spec)`` (or ``iter(dataset)`` when built with a spec).
+    ``root/images/*`` + ``root/instances.json``, COCO's ``annotations/instances_<split>.json`` +
+    ``<split>/``, or an Ultralytics ``data.yaml`` with YOLO txt labels. Iterate with
+    ``dataset.samples(spec)`` (or ``iter(dataset)`` when built with a spec).
     """
 
     def __init__(self, root: str | Path, spec: ModelSpec | None = None) -> None:
         self.root = Path(root)
         self.spec = spec
-        self.annotation_path = self.root / "instances.json"
-        self.image_dir = self.root / "images"
-        if not self.root.is_dir():
-            raise BadInputError(
-                f"dataset {self.root} is not a folder (expected images/ + instances.json)"
-            )
-        if not self.annotation_path.is_file():
-            raise BadInputError(
-                f"dataset {self.root} has no instances.json: put COCO annotations there"
-            )
-        if not self.image_dir.is_dir():
-            raise BadInputError(f"dataset {self.root} has no images/ folder")
+        layout = locate_dataset(self.root)
+        self.layout = layout.kind
+        self.annotation_path = layout.annotation_path
+        self.image_dir = layout.image_dir
         self._coco: Any = None
-        self.data = self._read_annotations()
+        self.data = self._check_annotations(read_annotations(layout))
         self.categories: list[dict[str, Any]] = sorted(
             self.data["categories"], key=lambda c: c["id"]
         )
@@ -178,20 +170,12 @@ class CocoDataset:
         missing = [path for _, path in self._entries if not path.is_file()]
         if missing:
             raise BadInputError(
-                f"dataset {self.root}: {len(missing)} image(s) listed in instances.json are "
-                f"missing, first {missing[0]}"
+                f"dataset {self.root}: {len(missing)} image(s) listed in "
+                f"{self.annotation_path.name} are missing, first {missing[0]}"
             )
 
-    def _read_annotations(self) -> dict[str, Any]:
+    def _check_annotations(self, data: dict[str, Any]) -> dict[str, Any]:
         path = self.annotation_path
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadInputError(f"annotations {path} are not valid JSON ({err})") from None
-        except OSError as err:
-            raise BadInputError(f"annotations {path} cannot be read ({err})") from None
-        if not isinstance(data, dict):
-            raise BadInputError(f"annotations {path}: expected a COCO object at the top level")
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise BadInputError(f"annotations {path}: no '{key}' list (not COCO format)")
