@@ -10,16 +10,16 @@ a caller's function, so no more than one image's activations are held at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.progress import progress
 from detc.compiler.reference import ort_session, run_session, to_proto
 
 Feeds = dict[str, np.ndarray]
@@ -109,14 +109,16 @@ def collect(
     visit: Callable[[int, dict[str, np.ndarray]], None],
     *,
     threads: int = 0,
+    desc: str = "calibration: activations",
 ) -> None:
     """Run ``model`` on each of ``feeds`` and call ``visit(index, {name: activation})``.
 
-    Only the part of the model that computes ``names`` runs.
+    Only the part of the model that computes ``names`` runs; ``desc`` names the step in progress
+    lines.
     """
     session = ort_session(with_extra_outputs(model, names, only=True), threads=threads)
     wanted = list(dict.fromkeys(names))
-    for index, feed in enumerate(feeds):
+    for index, feed in enumerate(progress(feeds, desc, "image")):
         needed = {i.name for i in session.get_inputs()}
         outputs = run_session(session, {k: v for k, v in feed.items() if k in needed})
         visit(index, {name: outputs[name] for name in wanted})
@@ -139,14 +141,6 @@ class ConvGeometry:
     @property
     def out_pixels(self) -> int:
         return self.out_size[0] * self.out_size[1]
-
-
-def terminal_progress(items: Sequence[Any], desc: str, unit: str) -> Iterator[Any]:
-    """``items`` under a progress bar on a terminal (a minutes-long step must show it is alive);
-    nothing in a log, where the stage's own log line says what runs."""
-    from tqdm import tqdm
-
-    yield from tqdm(items, desc=desc, unit=unit, leave=False, disable=None)
 
 
 def _static_dims(value: ir.Value | None) -> list[int] | None:

@@ -47,6 +47,7 @@ COMPILER_LAYERS = {
     "detc.compiler.frontend": FOUNDATION,
     "detc.compiler.ir": FOUNDATION,
     "detc.compiler.detection": FOUNDATION,
+    "detc.compiler.progress": FOUNDATION,
     "detc.compiler.driver": TOP,
     "detc.compiler.sweep": TOP,
     "detc.compiler.bench": TOP,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from detc.passes.calibration import terminal_progress
+from detc.compiler.progress import progress
 from detc.passes.prune.groups import ChannelGraph, ChannelGroup
 from detc.passes.prune.options import ProbeCut, PruneOptions, fixed_ridge
 from detc.passes.prune.probe import OutputProbe, probe_cuts, trial_weights
@@ -89,7 +89,7 @@ def allocate(
             g.index: measure_curve(
                 g, rankings[g.index], floor[g.index], cg, stats, probe, cost, opts
             )
-            for g in terminal_progress(groups, "prune: trial cuts", "group")
+            for g in progress(groups, "prune: trial cuts", "group")
         }
         return _greedy(groups, rankings, cost, floor, opts, lambda g, kept: curves[g.index](kept))
     cache: dict[tuple[int, int], float] = {}

@@ -13,9 +13,10 @@ import onnx
 import onnx_ir as ir
 
 from detc.compiler.ir.pass_base import node_label
+from detc.compiler.progress import progress
 from detc.compiler.reference import ort_session, run_session, to_proto
 from detc.passes._graph_facts import set_constant_input
-from detc.passes.calibration import collect, terminal_progress
+from detc.passes.calibration import collect
 from detc.passes.distill import DistillResult, DistillSettings, distill
 from detc.passes.prune.groups import ChannelGraph
 from detc.passes.prune.options import LayerFit, PruneOptions, fixed_ridge
@@ -73,7 +74,7 @@ def recover(
         sum(len(batch) for batch in levels),
         len(levels),
     )
-    for batch in terminal_progress(levels, "prune: refit", "level"):
+    for batch in progress(levels, "prune: refit", "level"):
         for refit, (fit, held) in zip(batch, _measure(model, batch, stats, feeds), strict=True):
             fits.append(_apply_fit(model.graph, refit, fit, held, opts.ridge))
     return fits

@@ -17,6 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.progress import progress
 from detc.compiler.reference import to_proto
 from detc.passes.calibration import Feeds
 
@@ -111,7 +112,8 @@ def activation_ranges(
             calibrate_method=kind,
             extra_options=extra,
         )
-        for feed in feeds:  # one image per call: the histogram methods hold all they are given
+        # one image per call: the histogram methods hold all they are given
+        for feed in progress(feeds, f"quantize: {method} calibration", "image"):
             calibrator.collect_data(_FeedReader([feed]))
 
         def wanted(name: str) -> bool:
