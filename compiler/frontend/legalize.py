@@ -11,6 +11,8 @@ downstream reads only one spelling:
   and at opset 11 those attributes do not exist (the checker rejects them).
 * **``Resize`` with an empty ``scales`` beside ``sizes``** (PyTorch's opset-11
   ``interpolate(size=...)``): the ONNX spec treats an empty input as absent; TVM refuses both.
+  Inputs of Resize may be absent only from opset 13 on, so such a model is first converted to
+  opset 13 (exact: :func:`needs_optional_resize_inputs`).
 
 :func:`check_attributes` refuses attribute values that ONNX shape inference and onnxruntime
 reject and that TVM would index out of bounds with (negative dilations, pads, strides).
@@ -92,17 +94,33 @@ def _is_empty_constant(value: ir.Value | None) -> bool:
     return array is not None and array.size == 0
 
 
-def empty_resize_inputs_as_absent(model: ir.Model) -> int:
-    """An empty ``roi`` or ``scales`` of ``Resize`` becomes an absent input; returns how many."""
-    rewritten = 0
+def _empty_resize_inputs(model: ir.Model) -> Iterator[tuple[ir.Node, int]]:
     for node in _all_nodes(model.graph):
         if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
             continue
         for index in (1, 2):
             if index < len(node.inputs) and _is_empty_constant(node.inputs[index]):
-                node.replace_input_with(index, None)
-                rewritten += 1
-    return rewritten
+                yield node, index
+
+
+def needs_optional_resize_inputs(model: ir.Model) -> bool:
+    """Whether the model has empty Resize inputs at an opset where they cannot be absent (< 13)."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    return opset < 13 and next(_empty_resize_inputs(model), None) is not None
+
+
+def empty_resize_inputs_as_absent(model: ir.Model) -> int:
+    """An empty ``roi`` or ``scales`` of ``Resize`` becomes an absent input; returns how many.
+
+    Only at opset >= 13 (before, they are required inputs and stay as they are).
+    """
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < 13:
+        return 0
+    found = list(_empty_resize_inputs(model))
+    for node, index in found:
+        node.replace_input_with(index, None)
+    return len(found)
 
 
 def legalize(model: ir.Model) -> None:

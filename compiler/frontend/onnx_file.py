@@ -9,6 +9,7 @@ a model that shape inference proves inconsistent is refused with the node it nam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -21,7 +22,12 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from detc.compiler.errors import BadInputError, UnsupportedModelError
-from detc.compiler.frontend.legalize import check_attributes, check_reshapes_follow, legalize
+from detc.compiler.frontend.legalize import (
+    check_attributes,
+    check_reshapes_follow,
+    legalize,
+    needs_optional_resize_inputs,
+)
 
 #: opsets detc's passes and TVM's ONNX importer are tested with; others are converted to TARGET
 MIN_OPSET, MAX_OPSET, TARGET_OPSET = 11, 21, 17
@@ -164,6 +170,9 @@ def normalize(
     """Opset into range, export idioms legalized, input shapes fixed, shapes inferred."""
     model = _convert_opset(model, path)
     graph = ir.serde.deserialize_model(model)
+    if needs_optional_resize_inputs(graph):
+        with contextlib.suppress(Exception):  # unconverted, TVM's importer names the Resize
+            graph = ir.serde.deserialize_model(onnx.version_converter.convert_version(model, 13))
     legalize(graph)
     check_attributes(graph, path)
     model = ir.serde.serialize_model(graph)
