@@ -14,26 +14,26 @@ from detc.compiler.errors import (
     VerificationMismatchError,
 )
 from detc.compiler.frontend import LoadedModel, from_torch, load_model, load_onnx, load_pt2
-from detc.compiler.ir.pass_base import (
+from detc.compiler.ir import (
+    DEFAULT_PIPELINE,
     Candidate,
     DetcPass,
+    GraphStats,
     NoMatch,
     NoOptions,
     PassResult,
-    RewritePass,
-)
-from detc.compiler.ir.pipeline import (
-    DEFAULT_PIPELINE,
     Pipeline,
     PipelineRun,
     PipelineStep,
+    RewritePass,
+    all_passes,
+    get_pass,
+    graph_stats,
     parse_pipeline,
     pipeline_from_config,
     run_pipeline,
 )
-from detc.compiler.ir.registry import all_passes, get_pass
-from detc.compiler.ir.stats import GraphStats, graph_stats
-from detc.compiler.verify.tensors import TensorReport, verify_tensors
+from detc.compiler.verify import TensorReport, VerificationReport, verify_artifact, verify_tensors
 
 __all__ = [
     "DEFAULT_PIPELINE",
@@ -58,6 +58,7 @@ __all__ = [
     "ToolchainMissingError",
     "UnsupportedModelError",
     "VerificationMismatchError",
+    "VerificationReport",
     "all_passes",
     "bench_interleaved",
     "compile_model",
@@ -72,5 +73,6 @@ __all__ = [
     "parse_pipeline",
     "pipeline_from_config",
     "run_pipeline",
+    "verify_artifact",
     "verify_tensors",
 ]

@@ -116,7 +116,7 @@ def _quantization_record(
     onnxruntime runs beside the artifact. A graph that was QDQ already when loaded (quantized
     elsewhere) is recorded too, with ``origin: "source"``.
     """
-    from detc.compiler.verify.tensors import is_quantized
+    from detc.compiler.verify.quantization import is_quantized
     from detc.passes.quantize.core import QuantizePass, quantized_nodes
     from detc.targets.artifact import QUANTIZED_REFERENCE_FILE
 

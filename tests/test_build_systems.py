@@ -48,7 +48,7 @@ add_custom_command(
 add_custom_target(detector ALL DEPENDS ${OUT}.verified)
 """
 
-DETC = f"{sys.executable} -m detc.compiler.cli.app"
+DETC = f"{sys.executable} -m detc.compiler.cli"
 
 
 def _model(path: Path, seed: int) -> None:

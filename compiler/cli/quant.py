@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from detc.compiler.cli.options import json_option
 from detc.passes.quantize.core import ACTIVATIONS, METHODS, RANK_BY
 
 
@@ -61,7 +62,7 @@ from detc.passes.quantize.core import ACTIVATIONS, METHODS, RANK_BY
 )
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime threads.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 def quant_report(
     model: Path,
     data: Path | None,

@@ -101,11 +101,11 @@ def run_demo(
     tiles and the summary says "partly tuned". ``tune_minutes`` searches for what is missing.
     """
     from detc.compiler.bench import bench_interleaved
+    from detc.compiler.detection.report import DetectionReport
     from detc.compiler.detection.spec import load_spec
     from detc.compiler.driver import compile_model, default_threads, load
     from detc.compiler.reference import ort_session, run_session
-    from detc.compiler.verify.detection import verify_detection
-    from detc.compiler.verify.tensors import read_manifest, verify_tensors
+    from detc.compiler.verify.artifact import verify_artifact
 
     started = time.perf_counter()
     n_threads = threads or default_threads()
@@ -126,11 +126,12 @@ def run_demo(
     )
     log(f"      {result.pipeline_run.records[0].before} → {result.pipeline_run.records[-1].after}")
     log("[3/4] verifying against onnxruntime: tensors, then mAP and boxes on every image")
-    tensors = verify_tensors(artifact, onnx_path, num_threads=n_threads)
-    manifest = read_manifest(artifact)
-    report = verify_detection(artifact, onnx_path, manifest, val_dir, num_threads=n_threads)
     report_dir = Path(out_dir) / "report"
-    report.write(report_dir)
+    verification = verify_artifact(
+        artifact, reference=onnx_path, data=val_dir, report_dir=report_dir, threads=n_threads
+    )
+    report, manifest = verification.detection, verification.manifest
+    assert isinstance(report, DetectionReport)  # the default pipeline keeps the demo float
     log("[4/4] benchmarking against onnxruntime (interleaved, same threads)")
     compiled = load(artifact, num_threads=n_threads)
     session = ort_session(onnx_path.read_bytes(), threads=n_threads)
@@ -159,7 +160,7 @@ def run_demo(
         threads=n_threads,
         tuned=bool(manifest.get("tuning", {}).get("tuned")),
         untuned_kernels=int(manifest.get("tuning", {}).get("untuned_tasks", 0)),
-        tensors_ok=tensors.ok,
+        tensors_ok=verification.tensors.ok,
         seconds=time.perf_counter() - started,
     )
 

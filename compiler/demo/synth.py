@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import replace_directory
 
 #: class index i has COCO category id i + 1
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -150,7 +150,7 @@ def generate_dataset(out_dir: Path, n: int, seed: int, image_size: int = 256) ->
             ],
         }
         (staging / ANNOTATIONS_FILE).write_text(json.dumps(coco, indent=1) + "\n")
-        _swap_into_place(staging, out_dir)
+        replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -366,13 +366,3 @@ def _is_replaceable(path: Path) -> bool:
     if not path.is_dir():
         return False
     return (path / ANNOTATIONS_FILE).is_file() or not any(path.iterdir())
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-    os.replace(out_dir, retired / "dataset")
-    os.replace(staging, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)

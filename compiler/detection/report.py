@@ -11,9 +11,7 @@ import dataclasses
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from detc.compiler.detection.datasets import CocoDataset
 from detc.compiler.detection.decoders import Decoder, Detections, decode, get_decoder
 from detc.compiler.detection.metrics import CocoMetrics, category_ids_for, evaluate_coco
 from detc.compiler.detection.spec import ModelSpec
+from detc.compiler.fileio import write_bytes_atomically
 from detc.compiler.tensor_compare import TensorDiff, compare_outputs
 from detc.compiler.tolerances import Tolerance
 
@@ -244,15 +243,15 @@ class DetectionReport:
         written: list[Path] = []
         plots: list[str] = []
         if self.agreement is not None and self.per_image:
-            write_atomically(out / AGREEMENT_PLOT, _agreement_plot(self.per_image))
-            write_atomically(out / DRIFT_PLOT, _drift_plot(self.agreement))
+            write_bytes_atomically(out / AGREEMENT_PLOT, _agreement_plot(self.per_image))
+            write_bytes_atomically(out / DRIFT_PLOT, _drift_plot(self.agreement))
             plots = [AGREEMENT_PLOT, DRIFT_PLOT]
             written += [out / name for name in plots]
         report = dataclasses.replace(self, plots=tuple(plots))
-        write_atomically(
+        write_bytes_atomically(
             out / "report.json", json.dumps(report.to_dict(), indent=2).encode() + b"\n"
         )
-        write_atomically(out / "report.md", report.render_markdown().encode())
+        write_bytes_atomically(out / "report.md", report.render_markdown().encode())
         return [out / "report.json", out / "report.md", *written]
 
 
@@ -507,18 +506,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return _json_safe(value.item())
     return value
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Atomic write: a reader never sees a half-written report."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png(figure: Any) -> bytes:

@@ -20,24 +20,25 @@ from detc.compiler.detection.report import (
     dataset_samples,
     evaluate_detection,
     timed,
-    write_atomically,
 )
 from detc.compiler.detection.spec import ModelSpec, spec_from_onnx
 from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import write_text_atomically
 from detc.compiler.reference import ort_session, run_session
-from detc.compiler.verify.tensors import (
-    Int8Agreement,
-    QuantizedOutputAgreement,
-    artifact_batch_runner,
-    criterion_line,
-    format_db,
-    int8_criterion,
+from detc.compiler.verify.quantization import (
     is_quantized,
-    jittered_reference,
     quantization_lines,
     quantization_record,
     quantized_reference_path,
-    reference_proto,
+)
+from detc.compiler.verify.runner import artifact_batch_runner, reference_proto
+from detc.compiler.verify.tensors import (
+    Int8Agreement,
+    QuantizedOutputAgreement,
+    criterion_line,
+    format_db,
+    int8_criterion,
+    jittered_reference,
 )
 
 
@@ -330,9 +331,9 @@ class QuantizedDetectionReport:
         written += self.versus_quantized.write(out / QUANTIZED_SUBREPORT)
         markdown = out / "report.md"
         combined = markdown.read_text(encoding="utf-8") + "\n" + self.render_markdown()
-        write_atomically(markdown, combined.encode("utf-8"))
+        write_text_atomically(markdown, combined)
         document = json.dumps(self.to_dict(), indent=2) + "\n"
-        write_atomically(out / "quantization.json", document.encode("utf-8"))
+        write_text_atomically(out / "quantization.json", document)
         return [*written, out / "quantization.json"]
 
 

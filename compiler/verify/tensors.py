@@ -2,111 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from detc.compiler.errors import BadInputError
-from detc.compiler.frontend import load_onnx_proto
-from detc.compiler.reference import (
-    TensorSpec,
-    load_feeds,
-    ort_session,
-    random_feeds,
-    run_session,
-)
+from detc.compiler.reference import load_feeds, ort_session, random_feeds, run_session
 from detc.compiler.tensor_compare import TensorDiff, compare_outputs
-
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
-BatchRunner = Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]]
-
-
-def read_manifest(artifact_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(artifact_dir) / "manifest.json"
-    if not path.is_file():
-        raise BadInputError(
-            f"{artifact_dir}: no manifest.json — not a detc artifact (run detc compile)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path}: unreadable manifest ({exc}); re-run detc compile") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "detc-artifact":
-        raise BadInputError(f"{path}: not a detc artifact manifest; re-run detc compile")
-    return manifest
-
-
-def manifest_inputs(manifest: Mapping[str, Any]) -> list[TensorSpec]:
-    return [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
-
-
-def is_cross_compiled(manifest: Mapping[str, Any]) -> bool:
-    """True for artifacts this host cannot load natively (an aarch64 library on x86, ...)."""
-    import platform
-
-    triple = str(manifest.get("target", {}).get("tvm_target", {}).get("mtriple", ""))
-    host = platform.machine().lower()
-    if not triple:
-        return False
-    arch = triple.split("-")[0]
-    return not (arch == host or (arch in ("x86_64", "amd64") and host in ("x86_64", "amd64")))
-
-
-def artifact_batch_runner(
-    artifact_dir: str | os.PathLike[str],
-    *,
-    emulate: bool = False,
-    device: str | None = None,
-    num_threads: int | None = None,
-) -> BatchRunner:
-    """How to run an artifact here: in process, under qemu (``emulate``), or on RPC ``device``."""
-    manifest = read_manifest(artifact_dir)
-    if device is not None:
-        from detc.targets import rpc_batch_runner
-
-        return rpc_batch_runner(Path(artifact_dir), device)
-    if emulate:
-        from detc.targets import emulated_batch_runner
-
-        return emulated_batch_runner(Path(artifact_dir))
-    if is_cross_compiled(manifest):
-        triple = manifest["target"]["tvm_target"].get("mtriple")
-        raise BadInputError(
-            f"{artifact_dir}: compiled for {triple}, which this machine cannot run natively; "
-            "add --emulate (qemu) or --device rpc://HOST:PORT (a board)"
-        )
-    from detc.compiler.driver import load
-
-    compiled = load(artifact_dir, num_threads=num_threads)
-    return lambda feeds_list: [compiled.run(f) for f in feeds_list]
-
-
-def reference_proto(reference: str | os.PathLike[str], manifest: Mapping[str, Any]):
-    """The reference model with the artifact's static input shapes applied (if it was dynamic)."""
-    shapes = {s.name: tuple(int(d) for d in s.shape) for s in manifest_inputs(manifest)}
-    proto, _ = load_onnx_proto(reference)
-    initializers = {i.name for i in proto.graph.initializer}
-    names = [v.name for v in proto.graph.input if v.name not in initializers]
-    if sorted(names) != sorted(shapes):
-        raise BadInputError(
-            f"{reference}: inputs {names} do not match the artifact's {sorted(shapes)}: "
-            "is this the model the artifact was compiled from?"
-        )
-    dynamic = any(
-        not d.HasField("dim_value")
-        for v in proto.graph.input
-        if v.name in shapes
-        for d in v.type.tensor_type.shape.dim
-    )
-    if dynamic:
-        proto, _ = load_onnx_proto(reference, input_shapes=shapes)
-    return proto
+from detc.compiler.verify.quantization import (
+    is_quantized,
+    quantization_record,
+    quantized_reference_path,
+)
+from detc.compiler.verify.runner import (
+    artifact_batch_runner,
+    manifest_inputs,
+    read_manifest,
+    reference_proto,
+)
 
 
 @dataclass
@@ -280,41 +197,6 @@ def jittered_reference(model: Any, jitter: float = INT8_SCALE_JITTER) -> Any:
     return jittered
 
 
-def is_quantized(model: Any) -> bool:
-    """True for an ONNX graph (proto) holding DequantizeLinear nodes: a QDQ model."""
-    return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
-
-
-def quantization_record(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The manifest's record of int8 quantization (written by ``detc compile``), else None."""
-    record = manifest.get("quantization")
-    if not isinstance(record, dict) or record.get("mode") != "int8":
-        return None
-    return record
-
-
-def quantized_reference_path(
-    artifact_dir: str | os.PathLike[str], record: Mapping[str, Any]
-) -> Path:
-    """The QDQ ONNX an int8 artifact carries, checked against the sha256 the manifest states."""
-    import hashlib
-
-    reference = record.get("reference") or {}
-    path = Path(artifact_dir) / str(reference.get("file", ""))
-    if not reference.get("file") or not path.is_file():
-        raise BadInputError(
-            f"{artifact_dir}: an int8 artifact without its quantized reference "
-            f"({path.name or 'reference_qdq.onnx'}); re-run detc compile"
-        )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if reference.get("sha256") and digest != reference["sha256"]:
-        raise BadInputError(
-            f"{path}: not the quantized model this artifact was compiled from (sha256 differs "
-            "from the manifest's); re-run detc compile"
-        )
-    return path
-
-
 def _channel_rows(values: np.ndarray) -> np.ndarray:
     """``values`` as (channels, elements) in float64, channels along ``channel_axis``."""
     from detc.passes.quantize.mixed_precision import channel_axis
@@ -478,27 +360,6 @@ class Int8Agreement:
                 )
             )
         return out
-
-
-def quantization_lines(record: Mapping[str, Any]) -> list[str]:
-    """How the artifact was quantized and which layers stayed float (and why), for reports."""
-    kept = record.get("kept_float") or []
-    budget = record.get("max_map_drop")
-    if record.get("origin") == "source":
-        head = "int8: quantized before detc loaded it (QDQ source model)"
-    else:
-        head = (
-            f"int8 by {record.get('step', 'quantize')}: {record.get('method')} ranges on "
-            f"{record.get('calib_images')} calibration images"
-        )
-    lines = [
-        head,
-        f"  {record.get('quantized')} of {record.get('layers')} layers int8"
-        + (f", mAP budget {budget:g} points (max_map_drop)" if budget is not None else ""),
-        f"  kept in float: {len(kept) or 'none'}",
-    ]
-    lines += [f"    {k['name']} ({k['op_type']}): {k['reason']}" for k in kept]
-    return lines
 
 
 def format_db(value: float | None) -> str:

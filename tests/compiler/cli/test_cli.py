@@ -18,7 +18,7 @@ from detc.compiler.reference import ort_session, run_session
 
 def detc(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [sys.executable, "-m", "detc.compiler.cli.app", *args],
+        [sys.executable, "-m", "detc.compiler.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -38,7 +38,7 @@ def test_data_synth_cli_is_deterministic(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "detc.compiler.cli.app",
+                "detc.compiler.cli",
                 "data",
                 "synth",
                 "--n",

@@ -21,12 +21,13 @@ import detc
 from detc.compiler.detection.spec import ModelSpec
 from detc.compiler.reference import ort_session, run_session
 from detc.compiler.verify.detection import DEFAULT_INT8_MAP_BUDGET, map_budget
+from detc.compiler.verify.quantization import quantization_record
 from detc.compiler.verify.tensors import (
     INT8_MAX_SQNR_LOSS_DB,
     INT8_SCALE_JITTER,
     Int8Agreement,
+    QuantizedTensorReport,
     jittered_reference,
-    quantization_record,
     verify_quantized_tensors,
 )
 
@@ -107,7 +108,7 @@ def _tiny_coco(root: Path, rng: np.random.Generator) -> Path:
 
 def detc_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "detc.compiler.cli.app", *args],
+        [sys.executable, "-m", "detc.compiler.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -169,6 +170,11 @@ def test_verify_holds_the_int8_artifact_to_its_quantized_reference(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verify: ok" in result.stdout and "SQNR vs QDQ" in result.stdout
     assert f"{FLOAT_LAYER} (Conv): " in result.stdout  # the layer kept in float, and why
+    verification = detc.verify_artifact(artifact, runs=2)
+    assert verification.ok and isinstance(verification.tensors, QuantizedTensorReport)
+    assert verification.quantization is not None
+    kept = f"    {FLOAT_LAYER} (Conv): "
+    assert any(line.startswith(kept) for line in verification.tensor_lines())
     report = verify_quantized_tensors(artifact, model_path, runs=2)
     (output,) = report.outputs
     assert report.ok and output.sqnr_db >= output.least_sqnr_db

@@ -42,7 +42,7 @@ def _small_net(rng: np.random.Generator) -> onnx.ModelProto:
 
 def detc_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "detc.compiler.cli.app", *args],
+        [sys.executable, "-m", "detc.compiler.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -80,6 +80,18 @@ def test_cli_verify_passes_and_reports_each_output(compiled: tuple[Path, Path]) 
     assert report["ok"] is True and report["outputs"][0]["max_abs_error"] < 1e-4
 
 
+def test_verify_artifact_is_detc_verify_from_python(compiled: tuple[Path, Path]) -> None:
+    model_path, artifact = compiled
+    report = detc.verify_artifact(artifact, runs=2)  # the reference: the model compiled from
+    assert report.ok and report.exit_status == 0 and report.failures == []
+    assert report.reference is not None and report.reference.name == model_path.name
+    assert report.detection is None and report.detection_lines() == []
+    lines = report.lines()
+    assert lines[0] == f"reference {report.reference}, inputs: {report.tensors.inputs}"
+    assert "output0" in lines[1] and lines[-1] == "verify: ok"
+    report.raise_for_failures()
+
+
 def test_verify_uses_given_inputs(compiled: tuple[Path, Path], tmp_path: Path) -> None:
     model_path, artifact = compiled
     inputs = tmp_path / "x.npz"
@@ -106,6 +118,11 @@ def test_tampered_artifact_exits_3(compiled: tuple[Path, Path], tmp_path: Path) 
     result = detc_cli("verify", str(broken), "--reference", str(model_path))
     assert result.returncode == 3
     assert "MISMATCH" in result.stdout and "beyond tolerance" in result.stderr
+    verification = detc.verify_artifact(broken, reference=model_path)
+    assert verification.exit_status == 3
+    assert verification.failures == ["output(s) output0 beyond tolerance"]
+    with pytest.raises(VerificationMismatchError, match=f"{broken}: output"):
+        verification.raise_for_failures()
 
 
 def test_verify_against_a_different_model_is_bad_input(

@@ -1,0 +1,290 @@
+"""``detc import``, ``opt``, ``compile`` and ``tune``: a model in, an optimised model, an artifact
+or tuning records out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from detc.compiler.cli.options import (
+    calib_option,
+    config_option,
+    dump_option,
+    echo_err,
+    input_shape_option,
+    json_option,
+    load_pipeline,
+    pass_printer,
+    pipeline_option,
+    quiet_option,
+    save_model,
+    target_option,
+    threads_option,
+    tuning_from_flags,
+    tuning_options,
+    verify_each_option,
+)
+
+
+@click.command("import")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@input_shape_option
+def import_cmd(model: Path, output: Path, input_shapes: Sequence[str]) -> None:
+    """Load MODEL (.onnx, or a torch.export .pt2), check and normalise it, save as ONNX.
+
+    ONNX files are checked defensively: size limit, external data only inside the model's folder,
+    the ONNX checker, opset conversion into detc's range, and shape inference.
+    """
+    from detc.compiler.frontend import load_model, parse_input_shapes
+    from detc.compiler.ir.stats import graph_stats
+
+    loaded = load_model(model, input_shapes=parse_input_shapes(input_shapes))
+    save_model(loaded.model, output)
+    click.echo(f"{output}: {graph_stats(loaded.model)}")
+
+
+@click.command("opt")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@pipeline_option
+@config_option
+@calib_option
+@input_shape_option
+@dump_option
+@verify_each_option
+@json_option("Print the pass instruments as JSON.")
+def opt_cmd(
+    model: Path,
+    output: Path,
+    pipeline: str | None,
+    config: Path | None,
+    calib: Path | None,
+    input_shapes: Sequence[str],
+    dump_ir: Path | None,
+    verify_each: bool,
+    as_json: bool,
+) -> None:
+    """Run a pass pipeline over MODEL and write the optimised ONNX to -o.
+
+    Prints, per pass, the wall time and nodes / parameters / MACs before and after.
+    """
+    from detc.compiler.driver import optimize
+    from detc.compiler.frontend import parse_input_shapes
+
+    loaded, run = optimize(
+        model,
+        load_pipeline(pipeline, config, calib),
+        input_shapes=parse_input_shapes(input_shapes),
+        dump_ir=dump_ir,
+        verify_each=verify_each,
+    )
+    save_model(loaded.model, output)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in run.records], indent=2))
+    else:
+        click.echo(run.table())
+        click.echo(f"wrote {output}")
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@target_option
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
+@pipeline_option
+@config_option
+@calib_option
+@input_shape_option
+@dump_option
+@verify_each_option
+@threads_option
+@click.option(
+    "--spec",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Preprocessing/decoder spec (JSON or TOML) stored in the manifest.",
+)
+@quiet_option
+@click.option(
+    "--tune",
+    is_flag=True,
+    help="Search schedules for the kernels the tuning database lacks (budgets below).",
+)
+@tuning_options
+def compile_cmd(
+    model: Path,
+    target: str,
+    output: Path,
+    pipeline: str | None,
+    config: Path | None,
+    calib: Path | None,
+    input_shapes: Sequence[str],
+    dump_ir: Path | None,
+    verify_each: bool,
+    threads: int | None,
+    spec: Path | None,
+    quiet: bool,
+    tune: bool,
+    trials: int | None,
+    trials_per_task: int | None,
+    tune_minutes: float | None,
+    tuning_db: Path | None,
+    tune_rpc_tracker: str | None,
+    tune_rpc_key: str | None,
+) -> None:
+    """Compile MODEL for a target into the artifact folder -o.
+
+    \b
+    The artifact holds the compiled library, the parameters and manifest.json
+    (inputs/outputs, target, pipeline, versions, sha256 of MODEL). It is written
+    atomically: on failure or Ctrl-C, nothing is left at -o.
+
+    \b
+    int8: -p "<default>,quantize{calib=DIR}" calibrates on DIR's images; add
+    max_map_drop=1.0 to keep the most sensitive layers in float until the mAP
+    drop on a COCO set (calib, or data=DIR) fits. The artifact then also holds
+    reference_qdq.onnx and the budget, which `detc verify` holds it to.
+    """
+    from detc.compiler.driver import compile_model
+    from detc.compiler.frontend import parse_input_shapes
+
+    model_spec = None
+    if spec is not None:
+        from detc.compiler.detection.spec import load_spec
+
+        model_spec = load_spec(spec)
+    tuning = tuning_from_flags(
+        tune,
+        trials,
+        trials_per_task,
+        tune_minutes,
+        tuning_db,
+        tune_rpc_tracker,
+        tune_rpc_key,
+        quiet,
+    )
+    if not quiet:
+        echo_err(f"detc: compiling {model} for {target}")
+    result = compile_model(
+        model,
+        target=target,
+        out_dir=output,
+        pipeline=load_pipeline(pipeline, config, calib),
+        input_shapes=parse_input_shapes(input_shapes),
+        dump_ir=dump_ir,
+        verify_each=verify_each,
+        model_spec=model_spec,
+        num_threads=threads,
+        on_pass=pass_printer(quiet),
+        progress=not quiet,
+        target_options=None if tuning is None else {"tuning": tuning},
+    )
+    manifest = result.manifest
+    tuning = manifest.get("tuning", {})
+    state = "tuned" if tuning.get("tuned") else "UNTUNED (expect it to be far slower than tuned)"
+    if "tasks" in tuning:  # the tuned pipeline: say how much came from the database
+        state = (
+            f"tuned ({tuning['tasks']} kernels, {tuning['trials']} trials this run)"
+            if tuning.get("tuned")
+            else f"partly tuned ({tuning['untuned_tasks']} of {tuning['tasks']} kernels "
+            "not in the tuning database)"
+        )
+    if not quiet:
+        click.echo(result.pipeline_run.table())
+    click.echo(
+        f"wrote {output} — target {manifest['target']['name']}, kernels {state}, "
+        f"pipeline {manifest['pipeline'] or '(none)'}"
+    )
+
+
+@click.command("tune")
+@click.argument("model", type=click.Path(path_type=Path))
+@target_option
+@pipeline_option
+@config_option
+@calib_option
+@input_shape_option
+@threads_option
+@tuning_options
+@click.option(
+    "--import-db",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Merge an exported database file (or another database directory) in first.",
+)
+@click.option(
+    "--export-db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Afterwards, write this model's best records to one portable JSON file "
+    "(gzip-compressed if the name ends in .gz).",
+)
+@quiet_option
+def tune_cmd(
+    model: Path,
+    target: str,
+    pipeline: str | None,
+    config: Path | None,
+    calib: Path | None,
+    input_shapes: Sequence[str],
+    threads: int | None,
+    trials: int | None,
+    trials_per_task: int | None,
+    tune_minutes: float | None,
+    tuning_db: Path | None,
+    tune_rpc_tracker: str | None,
+    tune_rpc_key: str | None,
+    import_db: Path | None,
+    export_db: Path | None,
+    quiet: bool,
+) -> None:
+    """Tune MODEL's kernels for a target into the tuning database (no artifact).
+
+    \b
+    Kernels already in the database are not searched again: a later
+    `detc compile MODEL --tune` then runs zero trials. The database is keyed by
+    kernel and target and shared by every model; Ctrl-C keeps what was measured.
+    """
+    import onnx_ir as ir
+
+    from detc.compiler.driver import optimize
+    from detc.compiler.frontend import parse_input_shapes
+    from detc.targets.tuning.search import tune_model
+
+    options = tuning_from_flags(
+        True,
+        trials,
+        trials_per_task,
+        tune_minutes,
+        tuning_db,
+        tune_rpc_tracker,
+        tune_rpc_key,
+        quiet,
+    )
+    loaded, _ = optimize(
+        model,
+        load_pipeline(pipeline, config, calib),
+        input_shapes=parse_input_shapes(input_shapes),
+    )
+    if not quiet:
+        echo_err(f"detc: tuning {model} for {target}")
+    result = tune_model(
+        ir.serde.serialize_model(loaded.model),
+        target,
+        options,
+        num_threads=threads,
+        report=(lambda _message: None) if quiet else echo_err,
+        import_from=import_db,
+    )
+    tuning = result.tuning
+    if export_db is not None:
+        count = result.database.export_to(export_db, result.workloads)
+        click.echo(f"exported {count} record(s) to {export_db}")
+    click.echo(
+        f"tuned {model} for {target}: {tuning['tasks'] - tuning['untuned_tasks']} of "
+        f"{tuning['tasks']} kernels in {result.database.directory}, "
+        f"{tuning['trials']} trials this run ({tuning['stopped_by']})"
+    )

@@ -1,0 +1,81 @@
+"""``detc sweep``: what an approximate pass costs and saves, setting by setting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from detc.compiler.cli.options import decoder_option, json_option, max_images_option
+
+
+@click.command("sweep")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--pass", "pass_name", required=True, help="The approximate pass: prune | lowrank.")
+@click.option("--values", required=True, help="Comma-separated settings, e.g. 0.1,0.2,0.3,0.4.")
+@click.option("--option", default=None, help="Which option --values sets (default: the pass's).")
+@click.option("--options", "pass_options", default="", help="Further options, e.g. ridge=0.01.")
+@click.option(
+    "--calib",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Calibration images for the data-aware parts (the same as --options calib=DIR).",
+)
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="COCO-format dataset for mAP (without it: MACs and latency only).",
+)
+@decoder_option
+@max_images_option
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the trade-off plot (PNG) here.",
+)
+@json_option("Print the result as JSON.")
+def sweep_cmd(
+    model: Path,
+    pass_name: str,
+    values: str,
+    option: str | None,
+    pass_options: str,
+    calib: Path | None,
+    data: Path | None,
+    decoder: str | None,
+    max_images: int | None,
+    threads: int,
+    runs: int,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """MAC reduction, onnxruntime latency and mAP of an approximate pass at several settings.
+
+    The curve to choose a setting from: e.g. `detc sweep m.onnx --pass prune --values
+    0.1,0.2,0.3 --calib images/ --data coco/ --decoder yolov5 --plot sweep.png`.
+    """
+    from detc.compiler.sweep import sweep
+
+    settings = [v.strip() for v in values.split(",") if v.strip()]
+    if calib is not None:
+        pass_options = ",".join(o for o in (pass_options, f"calib={calib}") if o)
+    result = sweep(
+        model,
+        pass_name,
+        settings,
+        data=data,
+        decoder=decoder,
+        option=option,
+        pass_options=pass_options,
+        threads=threads,
+        runs=runs,
+        max_images=max_images,
+        plot=plot,
+    )
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())

@@ -1,0 +1,270 @@
+"""Verify an artifact the way ``detc verify`` does, from Python.
+
+The policy in one place: a float artifact is held to its float reference in onnxruntime (tensor
+tolerances; with a dataset, the mAP drop within ``max_map_drop`` when given); an int8 artifact to
+the quantized model saved in it (the int8 criterion of :mod:`detc.compiler.verify.tensors`) and,
+with a dataset, to the float model's mAP within its budget. The reference defaults to the model the
+artifact was compiled from. Every failed check is collected, so one run names all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from detc.compiler.errors import EXIT_MISMATCH, EXIT_OK, BadInputError, VerificationMismatchError
+from detc.compiler.verify.quantization import quantization_lines, quantization_record
+from detc.compiler.verify.runner import read_manifest
+from detc.compiler.verify.tensors import (
+    QuantizedTensorReport,
+    TensorReport,
+    verify_quantized_tensors,
+    verify_tensors,
+)
+
+if TYPE_CHECKING:
+    from detc.compiler.detection.report import DetectionReport
+    from detc.compiler.verify.detection import QuantizedDetectionReport
+
+
+def source_model(manifest: Mapping[str, Any], artifact_dir: str | os.PathLike[str]) -> Path | None:
+    """The float model the artifact was compiled from, as ONNX: the copy the artifact keeps
+    when the source was a torch module or ``.pt2``, else the source file if it is still where
+    the compile read it."""
+    source = manifest.get("source") or {}
+    kept = Path(artifact_dir) / source["onnx"] if source.get("onnx") else None
+    if kept is not None and kept.is_file():
+        return kept
+    path = source.get("path")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def default_reference(manifest: Mapping[str, Any], artifact_dir: str | os.PathLike[str]) -> Path:
+    """:func:`source_model`, or BadInputError asking for ``--reference`` when it is gone."""
+    found = source_model(manifest, artifact_dir)
+    if found is not None:
+        return found
+    source = (manifest.get("source") or {}).get("path")
+    raise BadInputError(
+        f"{artifact_dir}: give --reference MODEL.onnx (the source model is not at {source})"
+    )
+
+
+@dataclass
+class VerificationReport:
+    """What :func:`verify_artifact` found: the tensor comparison, the detection comparison (with
+    a dataset), and every check that failed."""
+
+    artifact: Path
+    manifest: dict[str, Any]
+    #: float artifacts: against the float reference; int8: against the quantized reference
+    tensors: TensorReport | QuantizedTensorReport
+    #: the float model compared with (None: an int8 artifact whose float model is gone)
+    reference: Path | None
+    detection: DetectionReport | QuantizedDetectionReport | None = None
+    #: where the detection report (report.md, report.json) was written
+    report_dir: Path | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """The manifest's int8 record; None for a float artifact."""
+        return quantization_record(self.manifest)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_status(self) -> int:
+        """The exit code ``detc verify`` returns for this report."""
+        return EXIT_OK if self.ok else EXIT_MISMATCH
+
+    def tensor_lines(self) -> list[str]:
+        """The tensor comparison as ``detc verify`` prints it (without ``--json``)."""
+        tensors = self.tensors
+        if isinstance(tensors, QuantizedTensorReport):
+            lines = quantization_lines(tensors.quantization)
+            lines.append(
+                f"quantized reference {tensors.quantized_reference}, float reference "
+                f"{self.reference or '(none)'}, inputs: {tensors.inputs}"
+            )
+        else:
+            lines = [f"reference {self.reference}, inputs: {tensors.inputs}"]
+        return [*lines, tensors.table(), *tensors.notes]
+
+    def detection_lines(self) -> list[str]:
+        """The detection comparison's table and where its report went (empty without one)."""
+        if self.detection is None or self.report_dir is None:
+            return []
+        written = "report.json, quantization.json" if self.quantization else "report.json"
+        return [
+            self.detection.render_table(),
+            f"report: {self.report_dir / 'report.md'} (and {written})",
+        ]
+
+    def lines(self) -> list[str]:
+        """The report as text, as ``detc verify`` prints it, then a verdict: ``verify: ok`` or
+        the failed checks."""
+        verdict = "verify: ok" if self.ok else "verify: " + "; ".join(self.failures)
+        return [*self.tensor_lines(), *self.detection_lines(), verdict]
+
+    def error(self) -> VerificationMismatchError | None:
+        """The error ``detc verify`` exits with (status 3), naming every failed check."""
+        if self.ok:
+            return None
+        return VerificationMismatchError(f"{self.artifact}: " + "; ".join(self.failures))
+
+    def raise_for_failures(self) -> None:
+        error = self.error()
+        if error is not None:
+            raise error
+
+
+def verify_artifact(
+    artifact_dir: str | os.PathLike[str],
+    *,
+    reference: str | os.PathLike[str] | None = None,
+    inputs: str | None = None,
+    seed: int = 0,
+    runs: int = 1,
+    data: str | os.PathLike[str] | None = None,
+    decoder: str | None = None,
+    max_images: int | None = None,
+    max_map_drop: float | None = None,
+    report_dir: str | os.PathLike[str] | None = None,
+    emulate: bool = False,
+    device: str | None = None,
+    threads: int | None = None,
+    on_tensors: Callable[[VerificationReport], None] | None = None,
+) -> VerificationReport:
+    """Check the artifact in ``artifact_dir`` against its reference; the report says what failed.
+
+    ``reference``: the float model (default: the one the artifact was compiled from). Inputs come
+    from ``inputs`` (an .npz keyed by input name) or are seeded random (``runs`` sets from
+    ``seed``). With ``data`` (a COCO folder) both also run on every image, and the detection
+    report is written to ``report_dir`` (default: ARTIFACT/report). ``max_map_drop``: points of
+    mAP@[.5:.95] the artifact may lose (int8 default: the compile's budget, else 1.0; float
+    default: no limit). ``emulate`` runs a cross-compiled artifact under qemu, ``device`` on a
+    board (rpc://...). ``on_tensors`` gets the report once the tensors are compared, before the
+    slower dataset run: the CLI prints the tensor table then.
+
+    Raises BadInputError for what cannot be checked (no artifact, no reference, bad dataset); a
+    failed check is not raised but listed in ``failures`` (see :meth:`~VerificationReport.
+    raise_for_failures`).
+    """
+    artifact = Path(artifact_dir)
+    manifest = read_manifest(artifact)
+    if emulate and device is not None:
+        raise BadInputError("--emulate and --device exclude each other: pick one place to run")
+    report: VerificationReport
+    if quantization_record(manifest) is not None:
+        float_reference = Path(reference) if reference else source_model(manifest, artifact)
+        if data is not None and float_reference is None:
+            default_reference(manifest, artifact)  # raises: the mAP budget needs the float model
+        quantized = verify_quantized_tensors(
+            artifact,
+            float_reference,
+            inputs=inputs,
+            seed=seed,
+            runs=runs,
+            num_threads=threads,
+            emulate=emulate,
+            device=device,
+        )
+        report = VerificationReport(artifact, manifest, quantized, float_reference)
+        if not quantized.ok:
+            bad = [o.name for o in quantized.outputs if not o.ok]
+            report.failures.append(
+                f"output(s) {', '.join(bad)} disagree with the quantized reference"
+            )
+    else:
+        float_reference = Path(reference) if reference else default_reference(manifest, artifact)
+        tensors = verify_tensors(
+            artifact,
+            float_reference,
+            inputs=inputs,
+            seed=seed,
+            runs=runs,
+            num_threads=threads,
+            emulate=emulate,
+            device=device,
+        )
+        report = VerificationReport(artifact, manifest, tensors, float_reference)
+        if not tensors.ok:
+            bad = [d.name for d in tensors.diffs if not d.within_tolerance]
+            report.failures.append(f"output(s) {', '.join(bad)} beyond tolerance")
+    if on_tensors is not None:
+        on_tensors(report)
+    if data is not None:
+        _verify_on_dataset(
+            report,
+            Path(data),
+            decoder=decoder,
+            max_images=max_images,
+            max_map_drop=max_map_drop,
+            report_dir=artifact / "report" if report_dir is None else Path(report_dir),
+            emulate=emulate,
+            device=device,
+            threads=threads,
+        )
+    return report
+
+
+def _verify_on_dataset(
+    report: VerificationReport,
+    data: Path,
+    *,
+    decoder: str | None,
+    max_images: int | None,
+    max_map_drop: float | None,
+    report_dir: Path,
+    emulate: bool,
+    device: str | None,
+    threads: int | None,
+) -> None:
+    """Run the artifact and its reference(s) on every image of ``data``; write the detection
+    report to ``report_dir`` and add its failed checks to ``report``."""
+    # imported here: PIL and tqdm stay out of `import detc`
+    from detc.compiler.verify.detection import verify_detection, verify_quantized_detection
+
+    # a float artifact always has its reference; an int8 one was refused above without it
+    assert report.reference is not None
+    if report.quantization is not None:
+        quantized = verify_quantized_detection(
+            report.artifact,
+            report.reference,
+            report.manifest,
+            data,
+            max_map_drop=max_map_drop,
+            decoder=decoder,
+            max_images=max_images,
+            emulate=emulate,
+            device=device,
+            num_threads=threads,
+        )
+        quantized.write(report_dir)
+        report.detection, report.report_dir = quantized, report_dir
+        report.failures += quantized.failures()
+        return
+    detection = verify_detection(
+        report.artifact,
+        report.reference,
+        report.manifest,
+        data,
+        decoder=decoder,
+        max_images=max_images,
+        emulate=emulate,
+        device=device,
+        num_threads=threads,
+    )
+    detection.write(report_dir)
+    report.detection, report.report_dir = detection, report_dir
+    drop = detection.map_drop
+    if max_map_drop is not None and drop is not None and drop > max_map_drop:
+        report.failures.append(
+            f"mAP@[.5:.95] dropped {drop:.2f} points (> --max-map-drop {max_map_drop})"
+        )
