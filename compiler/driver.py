@@ -32,9 +32,10 @@ def default_threads() -> int:
 
 
 def detc_version() -> str:
-    from detc import __version__
+    """The installed distribution's version (what ``detc --version`` prints)."""
+    from importlib.metadata import version
 
-    return __version__
+    return version("detc")
 
 
 def _as_pipeline(pipeline: str | Pipeline | None) -> Pipeline:
