@@ -25,7 +25,8 @@ from detc.compiler.cli.info import doctor_cmd, explain_cmd, passes_cmd, targets_
 from detc.compiler.cli.options import echo_err
 from detc.compiler.cli.quant import quant_report
 from detc.compiler.cli.sweep import sweep_cmd
-from detc.compiler.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, DetcError
+from detc.compiler.cli.terminal import make_terminal_safe
+from detc.compiler.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, DetcError, escape_control
 
 EXIT_INTERNAL = 4
 
@@ -81,6 +82,8 @@ _register(cli)
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: map detc's errors to one line on stderr and a documented exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    sys.stdout = make_terminal_safe(sys.stdout)
+    sys.stderr = make_terminal_safe(sys.stderr)
     try:
         cli.main(args=argv, prog_name="detc", standalone_mode=False)
     except click.exceptions.Abort:
@@ -92,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except DetcError as exc:
         if debug or os.environ.get("DETC_DEBUG"):
             raise
-        echo_err(f"detc: error: {exc}")
+        # one line, whatever the message quotes from a model file
+        echo_err(f"detc: error: {escape_control(str(exc))}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         echo_err("detc: interrupted")
@@ -101,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if debug or os.environ.get("DETC_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = escape_control(first)
         echo_err(
             f"detc: internal error: {type(exc).__name__}: {first} "
             "(a bug in detc: rerun with --debug and report the traceback)"
