@@ -44,13 +44,14 @@ from detc.compiler.verify.tensors import (
 
 def _spec_for(manifest: Mapping[str, Any], reference: Any, decoder: str | None) -> ModelSpec:
     stored = manifest.get("model_spec")
+    has_stored = bool(stored)
     if isinstance(stored, Mapping) and decoder is not None:
         stored = {k: v for k, v in stored.items() if k != "decoder"}  # the user's choice wins
     # An artifact is passed around: its manifest may name only registered decoders, never a
     # module for detc to import (a --decoder module:function on the command line is the user's).
     spec = (
         ModelSpec.from_dict(stored, source="the artifact's manifest", allow_decoder_hooks=False)
-        if stored
+        if has_stored
         else spec_from_onnx(reference)
     )
     if decoder is not None:
