@@ -7,6 +7,9 @@ number while masking AVX-512 or AMX, and code compiled for features the CPU does
 with SIGILL. When a flag the named CPU implies is missing, detection falls back to the highest
 x86-64 micro-architecture level (v4/v3/v2) the flags do support.
 
+Also which ISA this machine is, and which one an ELF library is for (:func:`host_machine`,
+:func:`library_machine`), as ``platform.machine()`` names them.
+
 Nothing here imports TVM: ``detc targets`` and manifest checks stay cheap.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,3 +277,25 @@ def detect_host_cpu() -> HostCpu:
     except OSError:
         text = ""
     return parse_cpuinfo(text, _usable_cpu_ids(), _cgroup_cpu_limit())
+
+
+# ---- which ISA -----------------------------------------------------------------------------
+
+# ELF e_machine values → platform.machine() names
+_ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
+_HOST_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def host_machine() -> str:
+    machine = platform.machine().lower()
+    return _HOST_ALIASES.get(machine, machine)
+
+
+def library_machine(path: Path) -> str | None:
+    """The ISA of the ELF shared object at ``path`` ("x86_64", "aarch64", …); None if not ELF."""
+    with path.open("rb") as stream:
+        header = stream.read(20)
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    number = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return _ELF_MACHINES.get(number, f"elf-machine-{number}")

@@ -65,6 +65,8 @@ from tvm.relax import expr_functor
 from detc.kernels.conv2d_int8 import QuantizedConv2d
 from detc.kernels.conv2d_int8_arm import build_conv2d_int8_for_target, is_aarch64
 from detc.kernels.int8_tiles import TileChooser
+from detc.targets.tuning.database import default_database_dir
+from detc.targets.tuning.options import TuningOptions
 from detc.targets.tuning.tiles import tile_chooser
 
 logger = logging.getLogger("detc.targets")
@@ -700,21 +702,25 @@ def bind_quantization_params(
 
 
 def int8_tile_chooser(
-    tuning: Any, on_search: Callable[[float], None] | None = None
+    tuning: TuningOptions | None,
+    device: Any,
+    on_search: Callable[[float], None] | None = None,
 ) -> TileChooser | None:
-    """The schedule choice of a build with tuning options ``tuning`` (a ``TuningOptions``, or
-    None for an untuned build: every kernel takes its default). The measured tiles live in the
-    tuning database directory (``int8_tiles.jsonl``); ``tuning.tune`` measures the workloads
-    the file lacks, without it the file is only read; ``on_search`` hears the seconds each
+    """The schedule choice of a build with tuning options ``tuning`` (None for an untuned build:
+    every kernel takes its default). The measured tiles live in the tuning database directory
+    (``int8_tiles.jsonl``); ``tuning.tune`` measures the workloads the file lacks on ``device``
+    (the target's), without it the file is only read; ``on_search`` hears the seconds each
     measurement took (they count against ``tuning.minutes``)."""
     if tuning is None:
         return None
-    from detc.targets.tuning.database import default_database_dir
-
     directory = tuning.database if tuning.database is not None else default_database_dir()
     deadline = math.inf
     if tuning.minutes is not None:
         deadline = time.monotonic() + tuning.minutes * 60 * INT8_TILE_BUDGET_SHARE
     return tile_chooser(
-        Path(directory), search=bool(tuning.tune), deadline=deadline, on_search=on_search
+        Path(directory),
+        search=bool(tuning.tune),
+        device=device,
+        deadline=deadline,
+        on_search=on_search,
     )

@@ -12,7 +12,6 @@ threads created later by that thread (onnxruntime's pool, during verification) i
 from __future__ import annotations
 
 import os
-import platform
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,34 +20,22 @@ from typing import Any
 import numpy as np
 
 from detc.compiler.errors import BadInputError
-from detc.targets.artifact import read_manifest, sha256_of
-from detc.targets.cpu import detect_host_cpu, missing_flags
-from detc.targets.target import param_key
+from detc.targets.artifact import Artifact
+from detc.targets.cpu import detect_host_cpu, host_machine, library_machine, missing_flags
 
-# ELF e_machine values → platform.machine() names
-_ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
-_HOST_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+__all__ = [
+    "CompiledModel",
+    "configure_threads",
+    "host_machine",
+    "library_machine",
+    "load_artifact",
+]
 
 #: the user's own setting, read before configure_threads() raises it to the pool capacity
 _USER_NUM_THREADS = os.environ.get("TVM_NUM_THREADS", "")
 _thread_lock = threading.Lock()
 #: the TVM pool size configured in each Python thread (dies with the thread, as its pool does)
 _this_thread = threading.local()
-
-
-def host_machine() -> str:
-    machine = platform.machine().lower()
-    return _HOST_ALIASES.get(machine, machine)
-
-
-def library_machine(path: Path) -> str | None:
-    """The ISA of the ELF shared object at ``path`` ("x86_64", "aarch64", …); None if not ELF."""
-    with path.open("rb") as stream:
-        header = stream.read(20)
-    if len(header) < 20 or header[:4] != b"\x7fELF":
-        return None
-    number = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
-    return _ELF_MACHINES.get(number, f"elf-machine-{number}")
 
 
 def configure_threads(num_threads: int) -> int:
@@ -85,12 +72,15 @@ class CompiledModel:
         vm: Any,
         params: list[Any],
         num_threads: int,
+        device: Any,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
         self._vm = vm
         self._params = params
         self.num_threads = num_threads
+        #: where the VM runs (the artifact's target's device)
+        self.device = device
         self._inputs: list[dict[str, Any]] = list(manifest["inputs"])
         self._outputs: list[dict[str, Any]] = list(manifest["outputs"])
         #: per input name: the buffer unaligned inputs are copied into (runs are sequential)
@@ -150,7 +140,7 @@ class CompiledModel:
             return tvm.runtime.from_dlpack(array)
         staging = self._staging.get(name)
         if staging is None or tuple(staging.shape) != array.shape:
-            staging = tvm.runtime.empty(array.shape, str(array.dtype), tvm.cpu())
+            staging = tvm.runtime.empty(array.shape, str(array.dtype), self.device)
             self._staging[name] = staging
         staging.copyfrom(array)
         return staging
@@ -192,77 +182,46 @@ class CompiledModel:
         self, feeds: Mapping[str, np.ndarray], *, repeat: int = 10, warmup: int = 1
     ) -> list[float]:
         """Seconds per run of ``main`` for ``repeat`` runs, timed inside TVM (no numpy copies)."""
-        import tvm
-
         arguments = self._checked_arguments(feeds)
         configure_threads(self.num_threads)
         for _ in range(warmup):
             self._vm["main"](*arguments)
-        timer = self._vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat)
+        timer = self._vm.time_evaluator("main", self.device, number=1, repeat=repeat)
         return [float(seconds) for seconds in timer(*arguments).results]
 
 
-def _check_runs_here(out_dir: Path, manifest: dict[str, Any], library: Path) -> None:
-    target_name = manifest["target"].get("name", "?")
+def _check_runs_here(artifact: Artifact) -> None:
+    manifest, library = artifact.manifest, artifact.library_path
     built_for = library_machine(library)
     if built_for is None:
         raise BadInputError(f"{library} is not a shared library (ELF); re-run detc compile")
     here = host_machine()
     if built_for != here:
         raise BadInputError(
-            f"{library} is a {built_for} library (target {target_name}) and this machine is "
-            f"{here}: run it with `detc verify --emulate` or on a {built_for} board"
+            f"{library} is a {built_for} library (target {manifest.target_name}) and this "
+            f"machine is {here}: run it with `detc verify --emulate` or on a {built_for} board"
         )
-    mcpu = manifest["target"].get("tvm_target", {}).get("mcpu")
+    mcpu = manifest.tvm_target.get("mcpu")
     if here == "x86_64" and mcpu:
         lacking = missing_flags(mcpu, detect_host_cpu().flags)
         if lacking:
             raise BadInputError(
-                f"{out_dir} was built for {mcpu}, which uses CPU features this CPU lacks "
-                f"({', '.join(lacking[:5])}): rebuild with `detc compile --target x86`"
+                f"{artifact.directory} was built for {mcpu}, which uses CPU features this CPU "
+                f"lacks ({', '.join(lacking[:5])}): rebuild with `detc compile --target x86`"
             )
 
 
-def _load_params(out_dir: Path, manifest: dict[str, Any]) -> list[Any]:
-    import tvm
-
-    path = out_dir / manifest["params"]["file"]
-    count = int(manifest["params"]["count"])
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = [archive[param_key(i)] for i in range(count)]
-    except FileNotFoundError:
-        raise BadInputError(f"{path} is missing; re-run detc compile") from None
-    except (OSError, KeyError, ValueError) as err:
-        raise BadInputError(
-            f"{path} is unreadable or corrupt ({err}); re-run detc compile"
-        ) from err
-    return [tvm.runtime.tensor(array) for array in arrays]
-
-
 def load_artifact(out_dir: Path, *, num_threads: int | None = None) -> CompiledModel:
-    """Load the artifact directory ``out_dir`` for running on this machine's CPU.
+    """Load the artifact directory ``out_dir`` for running on this machine (on the device its
+    target names: :meth:`Target.device`).
 
     ``num_threads``: TVM worker threads (default: ``TVM_NUM_THREADS`` if set, else the physical
     cores of this machine). BadInputError, naming the file, when the artifact is missing,
     corrupt, or built for another ISA or for CPU features this machine lacks.
     """
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    library = out_dir / manifest["library"]
-    if not library.is_file():
-        raise BadInputError(f"{library} is missing; re-run detc compile")
-    expected_digest = manifest.get("library_sha256")
-    if expected_digest and sha256_of(library) != expected_digest:
-        raise BadInputError(
-            f"{library} does not match its manifest (corrupt or replaced); re-run detc compile"
-        )
-    _check_runs_here(out_dir, manifest, library)
-    if manifest["calling_convention"] not in ("inputs+params", "inputs"):
-        raise BadInputError(
-            f"{out_dir / 'manifest.json'}: unknown calling_convention "
-            f"{manifest['calling_convention']!r}; re-run detc compile"
-        )
+    artifact = Artifact.open(Path(out_dir))
+    artifact.check_library_digest()
+    _check_runs_here(artifact)
     if num_threads is None:
         num_threads = (
             int(_USER_NUM_THREADS)
@@ -276,13 +235,17 @@ def load_artifact(out_dir: Path, *, num_threads: int | None = None) -> CompiledM
     from tvm import relax
 
     configure_threads(num_threads)
-    params = _load_params(out_dir, manifest) if manifest["calling_convention"] != "inputs" else []
+    device = artifact.target().device()
+    params = [tvm.runtime.tensor(array, device) for array in artifact.load_params()]
+    library = artifact.library_path
     try:
         executable = tvm.runtime.load_module(str(library))
-        vm = relax.VirtualMachine(executable, tvm.cpu())
+        vm = relax.VirtualMachine(executable, device)
     except Exception as err:
         first = str(err).strip().splitlines()[-1:] or [type(err).__name__]
         raise BadInputError(
             f"{library} cannot be loaded ({first[0]}); re-run detc compile"
         ) from err
-    return CompiledModel(out_dir, manifest, vm, params, num_threads)
+    return CompiledModel(
+        artifact.directory, artifact.manifest.as_dict(), vm, params, num_threads, device
+    )

@@ -6,19 +6,23 @@
                graphs are computed in float32 where the target asks for it (``promote_float16``).
 * **legalize** Relax operators → TIR functions, fused (LegalizeOps … FuseTIR).
 * **tune**     choose schedules for those TIR functions. Without tuning options it reports
-               ``untuned``; with :class:`~detc.targets.tuning.search.TuningOptions`
+               ``untuned``; with :class:`~detc.targets.tuning.options.TuningOptions`
                (``ctx.tuning``) it applies the tuning database and, with ``tune=True``, searches
-               for what it lacks (:mod:`detc.targets.tuning.search`).
+               for what it lacks (:mod:`detc.targets.tuning.phase`).
 * **build**    ``tvm.compile`` to a Relax VM executable for :meth:`Target.tvm_target_json`.
 * **export**   the shared library (``export_library``, with :meth:`Target.export_options`, e.g. a
                cross compiler) and the parameters file, into the staging directory.
 
 Every phase is a method ``(self, ctx: BuildContext) -> str`` returning a one-line summary, and
-reads/writes only the :class:`BuildContext`. A new target (arm, cuda) subclasses :class:`Target`,
-sets ``family``/``machine``, implements :meth:`Target.tvm_target_json`, :meth:`Target.from_variant`
-and :meth:`Target.infos`, overrides only the hooks where it must differ (``export_options``,
-``check_toolchain``, ``legalize_passes``, a phase), and registers itself with
-:func:`register_target` (imported from ``detc.targets.__init__``).
+reads/writes only the :class:`BuildContext`. A target declares its *pipelines*: named lists of
+phases (:meth:`Target.pipelines`; most targets have one, x86 has "plain" and "blocked"), and
+which one a build runs (:meth:`Target.pipeline_for`, recorded in ``ctx.pipeline``).
+
+A new target (arm, cuda) subclasses :class:`Target`, sets ``family``/``machine`` (and
+``device_kind`` when its code does not run on the CPU), implements :meth:`Target.tvm_target_json`,
+:meth:`Target.from_variant` and :meth:`Target.infos`, overrides only the hooks where it must differ
+(``export_options``, ``check_toolchain``, ``legalize_passes``, ``device``, a phase, a pipeline),
+and registers itself with :func:`register_target` (imported from ``detc.targets.__init__``).
 
 A cross target, in outline::
 
@@ -36,7 +40,7 @@ A cross target, in outline::
         def check_toolchain(self):
             ...  # ToolchainMissingError when aarch64-linux-gnu-gcc is absent
 
-The loader (_runtime.py) refuses a library whose ELF machine is not this host's and points to
+The loader (runtime.py) refuses a library whose ELF machine is not this host's and points to
 ``detc verify --emulate``; running under emulation belongs to the arm target's own runner.
 
 TVM is imported inside the phase methods only: importing this module costs nothing.
@@ -51,8 +55,7 @@ import re
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,18 +63,16 @@ import numpy as np
 import onnx
 
 from detc.compiler.errors import BadInputError, DetcError, UnsupportedModelError
+from detc.targets.context import LIBRARY_FILE, PARAMS_FILE, BuildContext, Phase, param_key
 from detc.targets.precision import promote_float16_to_float32
+from detc.targets.tuning.options import TuningOptions
+from detc.targets.tuning.phase import tune_phase
+from detc.targets.tuning.tasks import count_unscheduled
 
 logger = logging.getLogger("detc.targets")
 
-LIBRARY_FILE = "model.so"
-PARAMS_FILE = "params.npz"
-PHASE_NAMES = ("import", "legalize", "tune", "build", "export")
-
-
-def param_key(index: int) -> str:
-    """Key of the ``index``-th parameter (in ``main``'s order after the inputs) in params.npz."""
-    return f"p{index:05d}"
+#: the pipeline of a target that declares only one
+DEFAULT_PIPELINE = "default"
 
 
 @dataclass(frozen=True)
@@ -83,36 +84,6 @@ class TargetInfo:
     enables: str  # what code generation it turns on (ISA, CPU model, threads)
 
 
-@dataclass
-class BuildContext:
-    """The state the phases of one build share; each phase reads what earlier phases left."""
-
-    model: onnx.ModelProto
-    staging_dir: Path  # the directory export writes into (renamed into place by the caller)
-    num_threads: int
-    progress: Callable[[str], None]  # progress lines (the caller may drop them)
-    warn: Callable[[str], None]  # notices the user must see (e.g. "untuned")
-    #: TuningOptions (None: an untuned build with TVM's default schedules)
-    tuning: Any = None
-    tvm_target: Any = None  # tvm.target.Target, set before the first phase
-    mod: Any = None  # tvm.IRModule, from import on
-    params: list[np.ndarray] = field(default_factory=list)  # main's arguments after the inputs
-    num_inputs: int = 0
-    executable: Any = None  # relax.Executable, from build on
-    #: seconds of the --tune-minutes budget spent searching before the tune phase (int8 tiles)
-    searched_seconds: float = 0.0
-    #: manifest entries the phases own ("tuning", "precision", ...)
-    manifest: dict[str, Any] = field(default_factory=dict)
-    #: (phase name, seconds, summary) for every phase that ran
-    timings: list[tuple[str, float, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    run: Callable[[BuildContext], str]
-
-
 class Target(ABC):
     """A compilation target: TVM target JSON + the phases, with hooks where targets differ."""
 
@@ -120,7 +91,9 @@ class Target(ABC):
     family: ClassVar[str]
     #: the ISA the exported library is for, as ``platform.machine()`` names it on Linux
     machine: ClassVar[str]
-    #: compute float16 graphs in float32 (casts at the graph boundary): see _precision.py
+    #: TVM's name for the kind of device the code runs on ("cpu", "cuda"): see :meth:`device`
+    device_kind: ClassVar[str] = "cpu"
+    #: compute float16 graphs in float32 (casts at the graph boundary): see precision.py
     promote_float16: ClassVar[bool] = True
 
     def __init__(self, name: str) -> None:
@@ -153,6 +126,15 @@ class Target(ABC):
         return 1
 
     # ---- hooks ----------------------------------------------------------------------------
+    def device(self, session: Any = None) -> Any:
+        """The device this target's code runs on: on this machine (``tvm.cpu(0)`` for a CPU
+        target), or on the board behind an RPC ``session`` (``session.cpu(0)``)."""
+        if session is not None:
+            return session.device(self.device_kind, 0)
+        import tvm
+
+        return tvm.device(self.device_kind, 0)
+
     def check_toolchain(self) -> None:  # noqa: B027  (a hook: most targets need no check)
         """Raise ToolchainMissingError before any slow phase when export could not link."""
 
@@ -174,15 +156,32 @@ class Target(ABC):
             relax.transform.FuseTIR(),
         ]
 
+    # ---- the pipelines --------------------------------------------------------------------
+    def pipelines(self) -> dict[str, list[Phase]]:
+        """The named pipelines this target offers, each its phases in order (PHASE_NAMES)."""
+        return {
+            DEFAULT_PIPELINE: [
+                Phase("import", self.import_model),
+                Phase("legalize", self.legalize),
+                Phase("tune", self.tune),
+                Phase("build", self.build),
+                Phase("export", self.export),
+            ]
+        }
+
+    def pipeline_for(self, tuning: TuningOptions | None) -> str:
+        """The pipeline a build with ``tuning`` options (None: untuned) runs."""
+        return next(iter(self.pipelines()))
+
+    def phases(self, pipeline: str | None = None) -> list[Phase]:
+        """The phases of ``pipeline`` (None: the first one declared)."""
+        pipelines = self.pipelines()
+        chosen = pipeline if pipeline is not None else next(iter(pipelines))
+        if chosen not in pipelines:
+            raise ValueError(f"{self.name} has no pipeline {chosen!r}; it has {list(pipelines)}")
+        return pipelines[chosen]
+
     # ---- the phases -----------------------------------------------------------------------
-    def phases(self) -> list[Phase]:
-        return [
-            Phase("import", self.import_model),
-            Phase("legalize", self.legalize),
-            Phase("tune", self.tune),
-            Phase("build", self.build),
-            Phase("export", self.export),
-        ]
 
     def import_model(self, ctx: BuildContext) -> str:
         from tvm import relax
@@ -224,14 +223,10 @@ class Target(ABC):
         return f"{count_tir_functions(ctx.mod)} TIR functions"
 
     def tune(self, ctx: BuildContext) -> str:
-        """With tuning options: database + search (_tuning.py). Without: every TIR function
+        """With tuning options: database + search (tuning/phase.py). Without: every TIR function
         keeps TVM's default (unscheduled) loop nest."""
         if ctx.tuning is not None:
-            from detc.targets.tuning.search import tune_phase
-
             return tune_phase(self, ctx)
-        from detc.targets.tuning.search import count_unscheduled
-
         # hand-scheduled kernels (int8 convolutions) are already as fast as they get
         untuned = count_unscheduled(ctx.mod)
         ctx.manifest["tuning"] = {
@@ -284,7 +279,7 @@ def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None =
     import tvm
 
     ctx.tvm_target = tvm.target.Target(target.tvm_target_json(ctx.num_threads))
-    for phase in target.phases():
+    for phase in target.phases(ctx.pipeline):
         if only is not None and phase.name not in only:
             continue
         start = time.perf_counter()

@@ -11,7 +11,6 @@ checked to be aarch64 ELF shared objects; on an x86 machine they are verified un
 
 from __future__ import annotations
 
-import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detc.compiler.errors import BadInputError, ToolchainMissingError
+from detc.compiler.fileio import write_file_atomically
+from detc.targets.context import LIBRARY_FILE, BuildContext
 from detc.targets.remote.toolchain import (
     AARCH64_TRIPLE,
     EM_AARCH64,
@@ -26,7 +27,7 @@ from detc.targets.remote.toolchain import (
     elf_machine,
     find_aarch64_cross_compiler,
 )
-from detc.targets.target import LIBRARY_FILE, BuildContext, Target, TargetInfo, register_target
+from detc.targets.target import Target, TargetInfo, register_target
 
 if TYPE_CHECKING:
     import tvm
@@ -143,20 +144,23 @@ def export_arm_library(
 ) -> Path:
     """Link `executable` (built for an ARM target) into an aarch64 shared object at `path`.
 
-    Written atomically (temp name + rename); `ToolchainMissingError` when no cross compiler is
+    Written atomically (detc.compiler.fileio); `ToolchainMissingError` when no cross compiler is
     installed or when the configured one did not produce an aarch64 ELF object.
     """
-    compiler = compiler or find_aarch64_cross_compiler()
+    linker = compiler or find_aarch64_cross_compiler()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # export_library picks the link step from the suffix: keep ".so" last.
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.so")
-    try:
-        executable.export_library(str(temporary), **compiler.export_library_kwargs())
-        _require_aarch64_output(temporary, compiler, shown_as=path.name)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    def link(staged: Path) -> None:
+        # export_library picks the link step from the suffix: keep ".so" last.
+        linked = staged.with_name(f"{staged.name}.so")
+        try:
+            executable.export_library(str(linked), **linker.export_library_kwargs())
+            _require_aarch64_output(linked, linker, shown_as=path.name)
+            linked.replace(staged)
+        finally:
+            linked.unlink(missing_ok=True)
+
+    write_file_atomically(path, link)
     return path
 
 

@@ -22,7 +22,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -32,12 +31,12 @@ import time
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from detc.compiler.errors import BadInputError, DetcError, ToolchainMissingError
-from detc.compiler.fileio import cache_dir
+from detc.compiler.fileio import cache_dir, replace_directory
+from detc.targets.artifact import Artifact
 from detc.targets.remote.toolchain import (
     EM_AARCH64,
     CrossCompiler,
@@ -178,9 +177,8 @@ def ensure_emulation_env() -> Path:
             _LOG.info("preparing the aarch64 emulation environment in %s (once)", env)
             _prepare_env(staging, compiler)
             staging.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
-            if env.exists():  # an incomplete directory left by hand: replace it
-                shutil.rmtree(env)
-            os.rename(staging, env)
+            # an incomplete directory left by hand is replaced
+            replace_directory(staging, env)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return env
@@ -368,80 +366,17 @@ def _first_error_line(text: str) -> str:
 # Running
 
 
-def _read_manifest(artifact_dir: Path) -> dict[str, Any]:
-    manifest_path = artifact_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise BadInputError(f"{artifact_dir} has no manifest.json: is it a detc artifact?")
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    library = artifact_dir / manifest.get("library", "model.so")
-    if not library.is_file():
-        raise BadInputError(f"{artifact_dir} has no {library.name}: rebuild the artifact")
+def _open_aarch64_artifact(artifact_dir: Path) -> Artifact:
+    artifact = Artifact.open(artifact_dir)
+    library = artifact.library_path
     machine = elf_machine(library)
     if machine != EM_AARCH64:
-        built_for = (manifest.get("target") or {}).get("name", "another machine")
+        built_for = artifact.manifest.target.get("name", "another machine")
         raise BadInputError(
             f"{library} is not an aarch64 library (built for {built_for}, ELF machine {machine}): "
             "only --target arm artifacts run under emulation"
         )
-    return manifest
-
-
-def _load_params(artifact_dir: Path, manifest: Mapping[str, Any]) -> list[np.ndarray]:
-    if manifest.get("calling_convention", "inputs+params") == "inputs":
-        return []
-    spec = manifest.get("params") or {}
-    count = int(spec.get("count", 0))
-    if count == 0:
-        return []
-    params_path = artifact_dir / spec.get("file", "params.npz")
-    if not params_path.is_file():
-        raise BadInputError(f"{params_path} is missing: the manifest lists {count} params")
-    with np.load(params_path) as archive:
-        keys = [f"p{index:05d}" for index in range(count)]
-        absent = [key for key in keys if key not in archive.files]
-        if absent:
-            raise BadInputError(f"{params_path} lacks {absent[0]} ({count} params expected)")
-        return [np.ascontiguousarray(archive[key]) for key in keys]
-
-
-def _ordered_feed(
-    feeds: Mapping[str, np.ndarray], manifest: Mapping[str, Any], set_index: int
-) -> list[np.ndarray]:
-    declared = manifest["inputs"]
-    names = [spec["name"] for spec in declared]
-    unknown = sorted(set(feeds) - set(names))
-    if unknown:
-        raise BadInputError(
-            f"feed set {set_index}: unknown input '{unknown[0]}'; the artifact takes {names}"
-        )
-    ordered = []
-    for spec in declared:
-        name = spec["name"]
-        if name not in feeds:
-            raise BadInputError(
-                f"feed set {set_index} lacks input '{name}' (artifact takes {names})"
-            )
-        value = np.ascontiguousarray(feeds[name])
-        expected_dtype = np.dtype(spec["dtype"])
-        if value.dtype != expected_dtype:
-            raise BadInputError(
-                f"feed set {set_index}: input '{name}' is {value.dtype}, the artifact takes "
-                f"{expected_dtype}"
-            )
-        shape = spec.get("shape")
-        if shape is not None and (
-            len(shape) != value.ndim
-            or any(
-                isinstance(d, int) and d != actual
-                for d, actual in zip(shape, value.shape, strict=True)
-            )
-        ):
-            raise BadInputError(
-                f"feed set {set_index}: input '{name}' has shape {list(value.shape)}, "
-                f"the artifact takes {shape}"
-            )
-        ordered.append(value)
-    return ordered
+    return artifact
 
 
 def _tensor_line(kind: str, value: np.ndarray, path: Path) -> str:
@@ -538,15 +473,15 @@ def run_emulated_batch(
     (qemu or cross compiler missing), `BadInputError` (bad artifact or feeds),
     `EmulatedRunError` (the artifact failed inside the runner; the runner's last stderr line).
     """
-    artifact_dir = Path(artifact_dir)
-    manifest = _read_manifest(artifact_dir)
+    artifact = _open_aarch64_artifact(Path(artifact_dir))
+    manifest = artifact.manifest
     ordered_sets = [
-        _ordered_feed(feeds, manifest, set_index) for set_index, feeds in enumerate(feed_sets)
+        manifest.ordered_inputs(feeds, set_index) for set_index, feeds in enumerate(feed_sets)
     ]
-    params = _load_params(artifact_dir, manifest)
-    output_names = [spec["name"] for spec in manifest.get("outputs", [])]
+    params = artifact.load_params()
+    output_names = manifest.output_names
     env = ensure_emulation_env()
-    model_path = (artifact_dir / manifest.get("library", "model.so")).resolve()
+    model_path = artifact.library_path.resolve()
 
     results: list[dict[str, np.ndarray]] = []
     chunk: list[list[np.ndarray]] = []

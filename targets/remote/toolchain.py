@@ -2,14 +2,13 @@
 
 `find_aarch64_cross_compiler()` picks the compiler that links ARM artifacts (Debian's
 ``aarch64-linux-gnu-gcc`` first, else clang with ``--target=aarch64-linux-gnu`` and an aarch64
-sysroot); `doctor()` lists every tool and build feature detc can use, for ``detc doctor``.
-Nothing here imports TVM at module import time: `doctor()` imports it lazily.
+sysroot); :func:`detc.targets.doctor.doctor` lists every tool, for ``detc doctor``.
+Nothing here imports TVM.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -56,7 +55,7 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-def _tool_version(path: str, flag: str = "--version") -> str:
+def tool_version(path: str, flag: str = "--version") -> str:
     try:
         completed = subprocess.run(
             [path, flag], capture_output=True, text=True, timeout=30, check=False
@@ -123,7 +122,7 @@ def _clang_cross_compiler() -> CrossCompiler | None:
     if not _links_aarch64_shared_object(clang, flags):
         return None
     clangxx = shutil.which("clang++")
-    return CrossCompiler("clang", clang, clangxx, flags, _tool_version(clang))
+    return CrossCompiler("clang", clang, clangxx, flags, tool_version(clang))
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,135 +196,3 @@ def find_host_c_compiler() -> str | None:
         if candidate and (path := shutil.which(candidate)):
             return path
     return None
-
-
-def _binfmt_aarch64_state() -> str | None:
-    entry = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
-    try:
-        first = entry.read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    return f"{entry} ({first})"
-
-
-def _nvcc_path() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
-
-
-def _nvcc_release(path: str) -> str:
-    try:
-        completed = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown version"
-    # The first line only names the driver; the release is on a later one.
-    for line in completed.stdout.splitlines():
-        if "release" in line:
-            return line.strip()
-    return "unknown version"
-
-
-def _package_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _tvm_build_features() -> str | None:
-    try:
-        import tvm
-        from tvm.support import libinfo
-        from tvm.target import codegen
-    except ImportError:
-        return None
-    info = libinfo()
-    try:
-        llvm = f"LLVM {codegen.llvm_version_major()}"
-    except Exception:
-        llvm = "no LLVM"
-    return f"tvm {tvm.__version__}, {llvm}, CUDA {info.get('USE_CUDA', 'OFF')}"
-
-
-@dataclass(frozen=True)
-class ToolRecord:
-    """One line of ``detc doctor``: a tool, what was found (None = missing), why, how to get it."""
-
-    tool: str
-    found: str | None
-    needed_for: str
-    install_hint: str
-
-    @property
-    def ok(self) -> bool:
-        return self.found is not None
-
-
-def doctor() -> list[ToolRecord]:
-    """Every external tool and build feature detc can use, found or not (imports TVM lazily)."""
-    host_cc = find_host_c_compiler()
-    try:
-        cross: str | None = find_aarch64_cross_compiler().describe()
-    except ToolchainMissingError:
-        cross = None
-    qemu = find_qemu_aarch64()
-    nvcc = _nvcc_path()
-    onnxruntime = _package_version("onnxruntime") or _package_version("onnxruntime-gpu")
-    # Imported here: _emulator imports this module.
-    from detc.targets.remote.emulator import emulation_env_status
-
-    return [
-        ToolRecord(
-            "host C compiler",
-            f"{host_cc} ({_tool_version(host_cc)})" if host_cc else None,
-            "linking x86 artifacts (export_library)",
-            HOST_COMPILER_APT_LINE,
-        ),
-        ToolRecord(
-            "aarch64 cross compiler",
-            cross,
-            "building ARM artifacts (--target arm)",
-            CROSS_COMPILER_APT_LINE,
-        ),
-        ToolRecord(
-            "qemu-aarch64",
-            f"{qemu} ({_tool_version(qemu)})" if qemu else None,
-            "verifying ARM artifacts on an x86 machine (emulated, numerics only)",
-            f"{QEMU_APT_LINE}   (or qemu-user-static)",
-        ),
-        ToolRecord(
-            "binfmt aarch64 registration",
-            _binfmt_aarch64_state(),
-            "optional: running aarch64 binaries directly (detc calls qemu-aarch64 itself)",
-            "sudo apt-get install qemu-user-static binfmt-support",
-        ),
-        ToolRecord(
-            "aarch64 emulation environment",
-            emulation_env_status(),
-            "ARM verification; prepared automatically into the cache on first use",
-            "detc prepares it itself (needs the cross compiler and pip access to PyPI)",
-        ),
-        ToolRecord(
-            "TVM build",
-            _tvm_build_features(),
-            "every target (compiling)",
-            "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0",
-        ),
-        ToolRecord(
-            "nvcc",
-            f"{nvcc} ({_nvcc_release(nvcc)})" if nvcc else None,
-            "CUDA target (--target cuda)",
-            "install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads)",
-        ),
-        ToolRecord(
-            "onnxruntime",
-            onnxruntime,
-            "reference outputs for verification",
-            "pip install onnxruntime",
-        ),
-    ]

@@ -14,8 +14,8 @@ count and code-generation options, so a schedule measured on one machine never s
 Concurrency and interruption: appends happen under an exclusive ``flock`` in one ``write`` per
 batch, readers take a shared lock, and a line that does not parse (a write cut short by a crash)
 is skipped, so two builds may tune into one database at once and Ctrl-C never corrupts it.
-:meth:`TuningDatabase.compact` rewrites the files (temp file + rename) keeping the best few
-records per workload and target.
+:meth:`TuningDatabase.compact` rewrites the files (atomically, with detc.compiler.fileio) keeping
+the best few records per workload and target.
 
 Export / import: :meth:`TuningDatabase.export_to` writes a self-contained single JSON file of the
 records for some workloads (or all; gzip-compressed when the name ends in ``.gz``),
@@ -30,13 +30,13 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import cache_dir, write_bytes_atomically
 
 WORKLOADS_FILE = "workloads.jsonl"
 RECORDS_FILE = "records.jsonl"
@@ -51,8 +51,6 @@ KEEP_PER_WORKLOAD = 8
 
 
 def default_database_dir() -> Path:
-    from detc.compiler.fileio import cache_dir
-
     return cache_dir() / "tuning"
 
 
@@ -266,7 +264,7 @@ class TuningDatabase:
         }
         text = json.dumps(document) + "\n"
         if str(path).endswith(".gz"):  # the workloads' IR is verbose: ~15x smaller compressed
-            _replace_bytes(Path(path), gzip.compress(text.encode("utf-8"), mtime=0))
+            write_bytes_atomically(Path(path), gzip.compress(text.encode("utf-8"), mtime=0))
         else:
             _replace(Path(path), text)
         return len(records)
@@ -386,20 +384,4 @@ def append_lines(path: Path, text: str) -> None:
 
 
 def _replace(path: Path, text: str) -> None:
-    _replace_bytes(path, text.encode("utf-8"))
-
-
-def _replace_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, text.encode("utf-8"))

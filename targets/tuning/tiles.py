@@ -110,13 +110,16 @@ class TileDatabase:
 def tile_chooser(
     directory: Path,
     search: bool,
+    *,
+    device: tvm.runtime.Device,
     deadline: float = math.inf,
     on_search: Callable[[float], None] | None = None,
 ) -> TileChooser:
     """The lowering's schedule choice: the database's winner for the workload; when it has
-    none, measured now and recorded (``search``, until ``time.monotonic()`` passes
-    ``deadline``: later workloads take the default and are left for the next search) or the
-    default (None: the kernel's own). ``on_search`` hears the seconds each search took."""
+    none, measured now on ``device`` (the target's, e.g. ``tvm.cpu(0)``) and recorded
+    (``search``, until ``time.monotonic()`` passes ``deadline``: later workloads take the
+    default and are left for the next search) or the default (None: the kernel's own).
+    ``on_search`` hears the seconds each search took."""
     databases: dict[str, TileDatabase] = {}
 
     def choose(
@@ -140,7 +143,7 @@ def tile_chooser(
         # TVM's pool in this (compiling) process has whatever size it started with: one
         # thread on a 2-core x86 machine unless configured
         configure_threads(database.threads)
-        measured = tiles.measure_tiles(data_shape, conv, target, candidates)
+        measured = tiles.measure_tiles(data_shape, conv, target, candidates, device=device)
         if on_search is not None:
             on_search(time.monotonic() - started)
         best, seconds = measured[0]

@@ -1,10 +1,15 @@
 """x86-64 CPUs through LLVM: ``x86`` (the CPU detc runs on) or ``x86:<mcpu>`` (a named CPU).
 
 Differs from the base target in the TVM target JSON (``mcpu`` from /proc/cpuinfo, never
-"native", which LLVM 22 here refuses), in needing a host C compiler to link ``model.so``, and,
-for a tuned build (``ctx.tuning``), in its graph: weights bound as constants (the artifact's
-calling convention becomes "inputs") and convolutions in the blocked NCHW[x]c layout whose block
-is one vector register of float32 (16 with AVX-512, 8 with AVX2), see _layout.py.
+"native", which LLVM 22 here refuses), in needing a host C compiler to link ``model.so``, and in
+offering two pipelines:
+
+    plain    the imported graph (int8 kernels with their default tiles); every untuned build,
+             and a tuned one with ``layout="plain"``
+    blocked  weights bound as constants (the artifact's calling convention becomes "inputs")
+             and convolutions in the blocked NCHW[x]c layout whose block is one vector register
+             of float32 (16 with AVX-512, 8 with AVX2), see layout.py; int8 kernels with tiles
+             from the tuning database. A tuned build's default (``layout="blocked"``).
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from detc.compiler.errors import BadInputError, ToolchainMissingError
+from detc.targets.context import BuildContext, Phase
 from detc.targets.cpu import REQUIRED_FLAGS, HostCpu, detect_host_cpu, missing_flags
-from detc.targets.target import BuildContext, Target, TargetInfo, register_target
+from detc.targets.target import Target, TargetInfo, count_tir_functions, register_target
+from detc.targets.tuning.options import TuningOptions
 
 _EXAMPLE_MCPUS = ("znver3", "znver4", "skylake-avx512", "haswell", "x86-64-v3")
+PLAIN_PIPELINE = "plain"
+BLOCKED_PIPELINE = "blocked"
 
 
 def _is_x86_host() -> bool:
@@ -104,18 +113,47 @@ class X86Target(Target):
             return 16
         return 8 if "avx" in features else 4
 
-    def _blocked(self, ctx: BuildContext) -> bool:
-        return ctx.tuning is not None and ctx.tuning.layout == "blocked"
+    # ---- the pipelines --------------------------------------------------------------------
+    def pipelines(self) -> dict[str, list[Phase]]:
+        return {
+            PLAIN_PIPELINE: [
+                Phase("import", self.import_model),
+                Phase("legalize", self.legalize),
+                Phase("tune", self.tune),
+                Phase("build", self.build),
+                Phase("export", self.export),
+            ],
+            BLOCKED_PIPELINE: [
+                Phase("import", self.import_with_constant_weights),
+                Phase("legalize", self.legalize_blocked),
+                Phase("tune", self.tune),
+                Phase("build", self.build),
+                Phase("export", self.export),
+            ],
+        }
 
+    def pipeline_for(self, tuning: TuningOptions | None) -> str:
+        if tuning is not None and tuning.layout == BLOCKED_PIPELINE:
+            return BLOCKED_PIPELINE
+        return PLAIN_PIPELINE
+
+    # ---- plain ----------------------------------------------------------------------------
     def import_model(self, ctx: BuildContext) -> str:
         summary = super().import_model(ctx)
-        if not self._blocked(ctx):
-            from detc.targets.int8 import bind_quantization_params, has_quantized_ops
+        from detc.targets.int8 import bind_quantization_params, has_quantized_ops
 
-            if has_quantized_ops(ctx.mod):
-                # The int8 lowering reads quantized weights, scales and zero points as constants.
-                ctx.mod, ctx.params = bind_quantization_params(ctx.mod, ctx.params, ctx.num_inputs)
-            return summary
+        if has_quantized_ops(ctx.mod):
+            # The int8 lowering reads quantized weights, scales and zero points as constants.
+            ctx.mod, ctx.params = bind_quantization_params(ctx.mod, ctx.params, ctx.num_inputs)
+        return summary
+
+    def legalize_passes(self) -> list[Any]:
+        # First: FoldConstant would turn dequantize(W_q) into a float weight and hide the pattern.
+        return [_int8_lowering(), *super().legalize_passes()]
+
+    # ---- blocked --------------------------------------------------------------------------
+    def import_with_constant_weights(self, ctx: BuildContext) -> str:
+        summary = super().import_model(ctx)
         # Constant weights let the layout passes prepack them at compile time (no per-inference
         # weight transforms); main() then takes the graph inputs only.
         from tvm import relax
@@ -128,16 +166,9 @@ class X86Target(Target):
         ctx.params = []
         return f"{summary}, {bound} bound as constants"
 
-    def legalize_passes(self) -> list[Any]:
-        # First: FoldConstant would turn dequantize(W_q) into a float weight and hide the pattern.
-        return [_int8_lowering(), *super().legalize_passes()]
-
-    def legalize(self, ctx: BuildContext) -> str:
-        if not self._blocked(ctx):
-            return super().legalize(ctx)
+    def legalize_blocked(self, ctx: BuildContext) -> str:
         import tvm
 
-        from detc.targets.target import count_tir_functions
         from detc.targets.x86.layout import blocked_layout_passes
 
         block = self.channel_block()
@@ -146,7 +177,8 @@ class X86Target(Target):
             # the int8 tile search counts against --tune-minutes
             ctx.searched_seconds += seconds
 
-        passes = [_int8_lowering(ctx.tuning, searched), *blocked_layout_passes(block)]
+        lowering = _int8_lowering(ctx.tuning, searched, self.device())
+        passes = [lowering, *blocked_layout_passes(block)]
         with ctx.tvm_target:
             ctx.mod = tvm.transform.Sequential(passes)(ctx.mod)
         return f"{count_tir_functions(ctx.mod)} TIR functions, NCHW{block}c"
@@ -171,16 +203,19 @@ def _llvm_knows_x86_cpu(mcpu: str) -> bool:
     return mcpu in {str(name) for name in archlist}
 
 
-def _int8_lowering(tuning: Any = None, on_search: Callable[[float], None] | None = None) -> Any:
+def _int8_lowering(
+    tuning: TuningOptions | None = None,
+    on_search: Callable[[float], None] | None = None,
+    device: Any = None,
+) -> Any:
     """The QDQ → int8 kernel lowering as a build applies it: conv outputs left in float by the
     quantize pass are lowered too (exact integer sums, dequantized), and so are chains
     onnxruntime runs in float (a SiLU or ReLU before the quantize, a float bias) — the integer
     path differs from onnxruntime's float evaluation there by at most 1 in a few 8-bit values,
     which is the price of running a quantized model as integers at all. With ``tuning``
     options each kernel's schedule comes from the tuning database's measured tiles (searched
-    now with ``--tune``)."""
+    now with ``--tune``, on ``device``)."""
     from detc.targets.int8 import int8_tile_chooser, lower_qdq_conv2d_to_int8
 
-    return lower_qdq_conv2d_to_int8(
-        allow_approximate=True, float_outputs=True, tiles=int8_tile_chooser(tuning, on_search)
-    )
+    tiles = int8_tile_chooser(tuning, device, on_search)
+    return lower_qdq_conv2d_to_int8(allow_approximate=True, float_outputs=True, tiles=tiles)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from detc.compiler.reference import ort_session, random_feeds, run_session
     from detc.compiler.verify.tensors import manifest_inputs
     from detc.kernels.fma_peak import fma_peak_gflops
-    from detc.targets.tuning.search import TuningOptions
+    from detc.targets.tuning.options import TuningOptions
 
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

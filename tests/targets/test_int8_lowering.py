@@ -515,7 +515,7 @@ def test_x86_target_builds_a_qdq_model_with_the_int8_kernel(tuned: bool, tmp_pat
     """Through the whole x86 build (artifact, runtime): the QDQ convolution runs as the int8
     kernel and its uint8 output equals onnxruntime's integer QLinearConv bit for bit."""
     from detc.targets import build_artifact, load_artifact
-    from detc.targets.tuning.search import TuningOptions
+    from detc.targets.tuning.options import TuningOptions
 
     rng = np.random.default_rng(11)
     model = quantize_qdq(float_conv_model(rng, in_channels=16, out_channels=32), rng, tmp_path)

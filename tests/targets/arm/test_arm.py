@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from detc.compiler.errors import BadInputError, ToolchainMissingError
 from detc.targets.arm.target import ARM_PRESETS, arm_target, build_arm_library, get_arm_preset
+from detc.targets.doctor import doctor
 from detc.targets.remote import emulator as _emulator
 from detc.targets.remote import toolchain as _toolchain
 
@@ -152,7 +153,7 @@ def test_missing_qemu_names_the_install_line(
 
 
 def test_doctor_reports_every_tool() -> None:
-    records = _toolchain.doctor()
+    records = doctor()
     tools = [record.tool for record in records]
     for expected in ("host C compiler", "aarch64 cross compiler", "qemu-aarch64", "nvcc"):
         assert expected in tools
@@ -289,17 +290,26 @@ def test_runner_failure_is_one_line_with_the_runner_message(
     assert "\n" not in str(info.value)
 
 
-def test_feeds_are_checked_before_emulating(tmp_path: Path) -> None:
-    artifact = tmp_path / "artifact"
-    artifact.mkdir()
-    (artifact / "model.so").write_bytes(_fake_elf(_toolchain.EM_AARCH64))
+def _write_inputs_only_manifest(artifact: Path, images: list[int], out: list[int]) -> None:
+    """The manifest of an arm artifact whose main() takes the input "images" only."""
     manifest = {
-        "inputs": [{"name": "images", "shape": [1, 3, 8, 8], "dtype": "float32"}],
-        "outputs": [{"name": "out", "shape": [1, 4, 8, 8], "dtype": "float32"}],
+        "format": "detc-artifact",
+        "format_version": 1,
+        "target": {"name": "arm", "machine": "aarch64"},
+        "library": "model.so",
+        "inputs": [{"name": "images", "shape": images, "dtype": "float32"}],
+        "outputs": [{"name": "out", "shape": out, "dtype": "float32"}],
         "params": {"file": "params.npz", "count": 0},
         "calling_convention": "inputs",
     }
     (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_feeds_are_checked_before_emulating(tmp_path: Path) -> None:
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "model.so").write_bytes(_fake_elf(_toolchain.EM_AARCH64))
+    _write_inputs_only_manifest(artifact, [1, 3, 8, 8], [1, 4, 8, 8])
     good = np.zeros((1, 3, 8, 8), np.float32)
     with pytest.raises(BadInputError, match="lacks input 'images'"):
         _emulator.run_emulated(artifact, {})
@@ -320,12 +330,7 @@ def test_emulated_run_without_qemu_names_the_install_line(
     artifact = tmp_path / "artifact"
     artifact.mkdir()
     (artifact / "model.so").write_bytes(_fake_elf(_toolchain.EM_AARCH64))
-    manifest = {
-        "inputs": [{"name": "images", "shape": [2], "dtype": "float32"}],
-        "outputs": [{"name": "out", "shape": [2], "dtype": "float32"}],
-        "calling_convention": "inputs",
-    }
-    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    _write_inputs_only_manifest(artifact, [2], [2])
     monkeypatch.setenv("DETC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ToolchainMissingError, match=r"apt-get install qemu-user"):

@@ -24,15 +24,12 @@ from onnx import TensorProto, helper, numpy_helper
 from detc.compiler.errors import BadInputError, ToolchainMissingError
 from detc.compiler.tolerances import FP32_EXACT
 from detc.targets import build_artifact
-from detc.targets.remote.rpc import (
-    LocalRpcServer,
-    LocalRpcTracker,
+from detc.targets.remote.loopback import LocalRpcServer, LocalRpcTracker, local_rpc_server
+from detc.targets.remote.rpc import rpc_batch_runner, rpc_time
+from detc.targets.remote.session import (
     RpcDevice,
     RpcDeviceError,
-    local_rpc_server,
     parse_device,
-    rpc_batch_runner,
-    rpc_time,
     tracker_device,
     tracker_servers,
 )

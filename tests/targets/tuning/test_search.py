@@ -19,12 +19,9 @@ from detc.compiler.errors import BadInputError
 from detc.compiler.tolerances import FP32_EXACT
 from detc.targets import build_artifact, load_artifact
 from detc.targets.tuning.database import TuningDatabase, target_key
-from detc.targets.tuning.search import (
-    Task,
-    TuningOptions,
-    _most_promising,
-    slowest_tasks_table,
-)
+from detc.targets.tuning.loop import _most_promising
+from detc.targets.tuning.options import TuningOptions
+from detc.targets.tuning.tasks import Task, slowest_tasks_table
 
 TARGET_JSON = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}
 
@@ -356,7 +353,7 @@ def test_real_ctrl_c_on_the_cli_exits_130_and_leaves_a_usable_database(tmp_path:
     model_path = tmp_path / "net.onnx"
     onnx.save(tiny_conv_net(np.random.default_rng(9)), model_path)
     command = [
-        sys.executable, "-m", "detc.compiler.cli.app", "compile", str(model_path), "--tune",
+        sys.executable, "-m", "detc.compiler.cli", "compile", str(model_path), "--tune",
         "--trials", "5000", "--tuning-db", str(tmp_path / "db"), "-o", str(tmp_path / "out"),
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -29,6 +29,8 @@ from detc.targets.tuning.tiles import TileDatabase, tile_chooser  # noqa: E402
 
 #: an AVX512-VNNI CPU: the kernels are compiled for it; run only where the host has VNNI
 VNNI_TARGET = {"kind": "llvm", "mcpu": "icelake-server", "num-cores": 1}
+#: where the tiles are measured (the x86 target's device)
+CPU = tvm.cpu(0)
 
 
 def _host_has_vnni() -> bool:
@@ -196,7 +198,9 @@ def test_chooser_measures_with_the_targets_thread_count(
 ) -> None:
     seen: list[int] = []
 
-    def measure(_shape: object, _conv: object, _target: object, candidates: list) -> list:
+    def measure(
+        _shape: object, _conv: object, _target: object, candidates: list, device: object
+    ) -> list:
         seen.append(int(tvm.runtime.num_threads()))
         return [(candidates[0], 1e-3)]
 
@@ -204,7 +208,7 @@ def test_chooser_measures_with_the_targets_thread_count(
     conv = _conv(np.random.default_rng(5), 8, 16, 1)
     target = tvm.target.Target({**VNNI_TARGET, "num-cores": 2})
     configure_threads(1)  # as TVM's default pool starts on a 2-core x86 machine
-    tile_chooser(tmp_path, search=True)((1, 8, 4, 32), conv, target)
+    tile_chooser(tmp_path, search=True, device=CPU)((1, 8, 4, 32), conv, target)
     assert seen == [2]
 
 
@@ -234,9 +238,11 @@ def test_chooser_measures_once_records_and_reuses(
     conv = _conv(rng, 8, 16, 1)
     shape = (1, 8, 4, 32)
     target = tvm.target.Target(VNNI_TARGET)
-    assert tile_chooser(tmp_path, search=False)(shape, conv, target) is None
+    assert tile_chooser(tmp_path, search=False, device=CPU)(shape, conv, target) is None
     searches: list[float] = []
-    chosen = tile_chooser(tmp_path, search=True, on_search=searches.append)(shape, conv, target)
+    chosen = tile_chooser(tmp_path, search=True, device=CPU, on_search=searches.append)(
+        shape, conv, target
+    )
     assert chosen in candidate_tiles(shape, conv, target)
     assert len(searches) == 1 and searches[0] > 0  # what --tune-minutes is charged
     lines = (tmp_path / TILES_FILE).read_text().splitlines()
@@ -247,10 +253,12 @@ def test_chooser_measures_once_records_and_reuses(
 
     monkeypatch.setattr(tiles_module, "measure_tiles", no_measuring)
     assert (
-        tile_chooser(tmp_path, search=True, on_search=searches.append)(shape, conv, target)
+        tile_chooser(tmp_path, search=True, device=CPU, on_search=searches.append)(
+            shape, conv, target
+        )
         == chosen
     )
-    assert tile_chooser(tmp_path, search=False)(shape, conv, target) == chosen
+    assert tile_chooser(tmp_path, search=False, device=CPU)(shape, conv, target) == chosen
     assert len(searches) == 1
 
 
@@ -267,7 +275,7 @@ def test_chooser_past_its_deadline_takes_the_default_and_records_nothing(
     monkeypatch.setattr(tiles_module, "measure_tiles", no_measuring)
     conv = _conv(np.random.default_rng(4), 8, 16, 1)
     target = tvm.target.Target(VNNI_TARGET)
-    choose = tile_chooser(tmp_path, search=True, deadline=time.monotonic() - 1.0)
+    choose = tile_chooser(tmp_path, search=True, device=CPU, deadline=time.monotonic() - 1.0)
     assert choose((1, 8, 4, 32), conv, target) is None
     assert not (tmp_path / TILES_FILE).exists()
 

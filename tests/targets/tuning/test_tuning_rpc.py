@@ -12,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from detc.compiler.tolerances import FP32_EXACT
 from detc.targets import build_artifact, load_artifact
-from detc.targets.remote.rpc import RpcDeviceError, local_rpc_server, local_rpc_tracker
-from detc.targets.tuning.search import TuningOptions
+from detc.targets.remote.loopback import local_rpc_server, local_rpc_tracker
+from detc.targets.remote.session import RpcDeviceError
+from detc.targets.tuning.options import TuningOptions
 
 KEY = "detc-loopback"
 

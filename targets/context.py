@@ -1,0 +1,60 @@
+"""What the phases of one build share: the :class:`BuildContext`, and the names of the files
+export writes into the artifact.
+
+A leaf module (it imports no other part of detc.targets): the target, the tune phase and the
+artifact reader all depend on it, never the other way round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from detc.targets.tuning.options import TuningOptions
+
+MANIFEST_FILE = "manifest.json"
+LIBRARY_FILE = "model.so"
+PARAMS_FILE = "params.npz"
+PHASE_NAMES = ("import", "legalize", "tune", "build", "export")
+
+
+def param_key(index: int) -> str:
+    """Key of the ``index``-th parameter (in ``main``'s order after the inputs) in params.npz."""
+    return f"p{index:05d}"
+
+
+@dataclass
+class BuildContext:
+    """The state the phases of one build share; each phase reads what earlier phases left."""
+
+    model: onnx.ModelProto
+    staging_dir: Path  # the directory export writes into (renamed into place by the caller)
+    num_threads: int
+    progress: Callable[[str], None]  # progress lines (the caller may drop them)
+    warn: Callable[[str], None]  # notices the user must see (e.g. "untuned")
+    #: None: an untuned build with TVM's default schedules
+    tuning: TuningOptions | None = None
+    #: which of the target's named pipelines runs (None: its first); see Target.pipeline_for
+    pipeline: str | None = None
+    tvm_target: Any = None  # tvm.target.Target, set before the first phase
+    mod: Any = None  # tvm.IRModule, from import on
+    params: list[np.ndarray] = field(default_factory=list)  # main's arguments after the inputs
+    num_inputs: int = 0
+    executable: Any = None  # relax.Executable, from build on
+    #: seconds of the --tune-minutes budget spent searching before the tune phase (int8 tiles)
+    searched_seconds: float = 0.0
+    #: manifest entries the phases own ("tuning", "precision", ...)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    #: (phase name, seconds, summary) for every phase that ran
+    timings: list[tuple[str, float, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    run: Callable[[BuildContext], str]
