@@ -38,7 +38,8 @@ from detc.compiler.errors import BadInputError, CheckFailedError
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="COCO-format dataset (images/ + instances.json): verify in mAP and boxes too.",
+    help="Labelled dataset (DIR/images + DIR/instances.json, COCO's annotations/ + <split>/, "
+    "or an Ultralytics data.yaml): verify in mAP and boxes too.",
 )
 @decoder_option
 @max_images_option
@@ -48,6 +49,15 @@ from detc.compiler.errors import BadInputError, CheckFailedError
     default=None,
     help="Fail (exit 3) if mAP@[.5:.95] drops by more than this many points (int8 artifacts: "
     "against the float model; default: the compile's max_map_drop, else 1.0).",
+)
+@click.option(
+    "--min-reference-map",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="With --data: fail if the reference model's own mAP@.5 (points) is below this — a "
+    "reference that finds nothing means the preprocessing or decoder do not match the model "
+    "(0 turns the check off, e.g. for untrained weights).",
 )
 @click.option(
     "--report-dir",
@@ -71,6 +81,7 @@ def verify_cmd(
     decoder: str | None,
     max_images: int | None,
     max_map_drop: float | None,
+    min_reference_map: float,
     report_dir: Path | None,
     threads: int | None,
     as_json: bool,
@@ -108,6 +119,7 @@ def verify_cmd(
         decoder=decoder,
         max_images=max_images,
         max_map_drop=max_map_drop,
+        min_reference_map=min_reference_map,
         report_dir=report_dir,
         emulate=emulate,
         device=device_url(device, rpc_tracker, rpc_key),

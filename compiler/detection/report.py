@@ -107,7 +107,8 @@ class DetectionReport:
         """A terminal-width summary: metrics side by side, box agreement, output tensors."""
         ref, cand = self.reference, self.candidate
         lines = [
-            f"detection check: {self.num_images} images of {self.dataset}, decoder {self.decoder}"
+            f"detection check: {self.num_images} images of {self.dataset}, decoder {self.decoder}",
+            f"preprocessing: {self.spec.describe_preprocessing()}",
         ]
         header = f"{'':<22}{ref.label:>14}"
         if cand is not None:

@@ -152,6 +152,28 @@ class ModelSpec:
             return len(self.category_ids)
         return None
 
+    def describe_preprocessing(self) -> str:
+        """One line for reports: how an image becomes this model's input."""
+        height, width = self.input_size
+        scale = (
+            "0..255"
+            if self.scale == 1.0
+            else "0..1 (/255)"
+            if abs(self.scale * 255.0 - 1.0) < 1e-9
+            else f"x{self.scale:.6g}"
+        )
+        placement = (
+            f"letterbox {height}x{width} ({self.pad_align}, pad {self.pad_value:g})"
+            if self.resize == "letterbox"
+            else f"resize {height}x{width}"
+        )
+        normalised = (
+            ""
+            if self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0)
+            else (f", mean {list(self.mean)}, std {list(self.std)}")
+        )
+        return f"{self.channel_order} {scale}{normalised}, {placement}, {self.layout} {self.dtype}"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-compatible values; ``from_dict(to_dict())`` gives an equal spec."""
         out: dict[str, Any] = {}

@@ -135,6 +135,7 @@ def verify_artifact(
     decoder: str | None = None,
     max_images: int | None = None,
     max_map_drop: float | None = None,
+    min_reference_map: float = 1.0,
     report_dir: str | os.PathLike[str] | None = None,
     emulate: bool = False,
     device: str | None = None,
@@ -148,7 +149,8 @@ def verify_artifact(
     ``seed``). With ``data`` (a COCO folder) both also run on every image, and the detection
     report is written to ``report_dir`` (default: ARTIFACT/report). ``max_map_drop``: points of
     mAP@[.5:.95] the artifact may lose (int8 default: the compile's budget, else 1.0; float
-    default: no limit). ``emulate`` runs a cross-compiled artifact under qemu, ``device`` on a
+    default: no limit). ``min_reference_map``: the reference's own mAP@.5 (points) below which
+    the dataset check fails as a likely preprocessing or decoder mismatch. ``emulate`` runs a cross-compiled artifact under qemu, ``device`` on a
     board (rpc://...). ``on_tensors`` gets the report once the tensors are compared, before the
     slower dataset run: the CLI prints the tensor table then.
 
@@ -206,6 +208,7 @@ def verify_artifact(
             decoder=decoder,
             max_images=max_images,
             max_map_drop=max_map_drop,
+            min_reference_map=min_reference_map,
             report_dir=artifact / "report" if report_dir is None else Path(report_dir),
             emulate=emulate,
             device=device,
@@ -221,6 +224,7 @@ def _verify_on_dataset(
     decoder: str | None,
     max_images: int | None,
     max_map_drop: float | None,
+    min_reference_map: float,
     report_dir: Path,
     emulate: bool,
     device: str | None,
@@ -248,6 +252,7 @@ def _verify_on_dataset(
         )
         quantized.write(report_dir)
         report.detection, report.report_dir = quantized, report_dir
+        report.failures += _reference_finds_objects(quantized.versus_float, data, min_reference_map)
         report.failures += quantized.failures()
         return
     detection = verify_detection(
@@ -263,8 +268,27 @@ def _verify_on_dataset(
     )
     detection.write(report_dir)
     report.detection, report.report_dir = detection, report_dir
+    report.failures += _reference_finds_objects(detection, data, min_reference_map)
     drop = detection.map_drop
     if max_map_drop is not None and drop is not None and drop > max_map_drop:
         report.failures.append(
             f"mAP@[.5:.95] dropped {drop:.2f} points (> --max-map-drop {max_map_drop})"
         )
+
+
+def _reference_finds_objects(
+    detection: DetectionReport, data: Path, min_reference_map: float
+) -> list[str]:
+    """A failure when the reference model itself finds (almost) nothing on the dataset: an mAP
+    drop of 0.0 against a reference below ``min_reference_map`` (points of mAP@.5) proves
+    nothing."""
+    metrics = detection.reference.metrics
+    if metrics.map50 * 100.0 >= min_reference_map:
+        return []
+    return [
+        f"the reference model finds almost nothing on {data} (mAP@.5 {metrics.map50 * 100:.1f}, "
+        f"{metrics.num_detections} detections over {detection.num_images} images): the "
+        f"preprocessing ({detection.spec.describe_preprocessing()}) or the decoder "
+        f"({detection.decoder}) likely do not match the model; name the model's family with "
+        "--decoder (yolov5, yolov8, yolox, ...) or give a --spec file"
+    ]

@@ -247,6 +247,7 @@ class QuantizedDetectionReport:
         lines = [
             f"int8 check: {self.versus_float.num_images} images of {self.versus_float.dataset}, "
             f"decoder {self.versus_float.decoder}",
+            f"preprocessing: {self.versus_float.spec.describe_preprocessing()}",
             f"{'':<16}{'float (ort)':>14}{'QDQ (ort)':>14}{cand.label:>16}",
         ]
         for label, exact, qdq, mine in self._map_rows():

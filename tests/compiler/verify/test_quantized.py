@@ -246,7 +246,7 @@ def test_verify_with_data_compares_float_qdq_and_artifact(
     _, data, artifact = int8_build
     report_dir = tmp_path / "report"
     args = ["verify", str(artifact), "--data", str(data), "--report-dir", str(report_dir)]
-    result = detc_cli(*args)
+    result = detc_cli(*args, "--min-reference-map", "0")  # random weights find nothing
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((report_dir / "quantization.json").read_text())
     assert summary["ok"] is True and summary["budget_source"] == "default"
@@ -360,3 +360,16 @@ def test_jitter_moves_only_activation_scales(int8_build: tuple[Path, Path, Path]
     for name, values in before.items():
         factor = 1.0 + INT8_SCALE_JITTER if name in activations else 1.0
         np.testing.assert_allclose(after[name], values * factor, rtol=1e-7)
+
+
+def test_a_reference_that_finds_nothing_fails_naming_preprocessing_and_decoder(
+    int8_build: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, data, artifact = int8_build
+    report_dir = tmp_path / "report"
+    result = detc_cli("verify", str(artifact), "--data", str(data), "--report-dir", str(report_dir))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "reference model finds almost nothing" in result.stderr
+    assert "preprocessing (RGB 0..1 (/255), letterbox 32x32" in result.stderr
+    assert "decoder (yolov5)" in result.stderr and "--decoder" in result.stderr
+    assert "preprocessing: RGB 0..1 (/255)" in result.stdout  # printed with the table
