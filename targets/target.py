@@ -170,8 +170,17 @@ class Target(ABC):
         }
 
     def pipeline_for(self, tuning: TuningOptions | None) -> str:
-        """The pipeline a build with ``tuning`` options (None: untuned) runs."""
+        """The pipeline a build with ``tuning`` options (None: :meth:`default_tuning`) runs."""
         return next(iter(self.pipelines()))
+
+    def default_tuning(self) -> TuningOptions | None:
+        """What a build that asked for no tuning gets. None: TVM's default schedules.
+
+        A target with a schedule template of its own returns options that reuse the tuning
+        database and give every kernel it lacks the template's default tiles: "untuned" must
+        never mean TVM's generic loop nests where detc has something 50x faster.
+        """
+        return None
 
     def phases(self, pipeline: str | None = None) -> list[Phase]:
         """The phases of ``pipeline`` (None: the first one declared)."""
@@ -279,6 +288,8 @@ def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None =
     import tvm
 
     ctx.tvm_target = tvm.target.Target(target.tvm_target_json(ctx.num_threads))
+    if ctx.tuning is None:
+        ctx.tuning = target.default_tuning()
     for phase in target.phases(ctx.pipeline):
         if only is not None and phase.name not in only:
             continue

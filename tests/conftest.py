@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,16 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and every CLI it runs) uses a fresh detc cache, never the user's: builds read
+    the tuning database there by default, so its contents must not depend on the machine."""
+    cache = tmp_path_factory.mktemp("detc-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DETC_CACHE_DIR", str(cache))
+        yield cache
 
 
 @pytest.fixture

@@ -186,12 +186,16 @@ def compile_cmd(
     tuning = manifest.get("tuning", {})
     state = "tuned" if tuning.get("tuned") else "UNTUNED (expect it to be far slower than tuned)"
     if "tasks" in tuning:  # the tuned pipeline: say how much came from the database
-        state = (
-            f"tuned ({tuning['tasks']} kernels, {tuning['trials']} trials this run)"
-            if tuning.get("tuned")
-            else f"partly tuned ({tuning['untuned_tasks']} of {tuning['tasks']} kernels "
-            "not in the tuning database)"
-        )
+        missing, total = tuning["untuned_tasks"], tuning["tasks"]
+        if tuning.get("tuned"):
+            state = f"tuned ({total} kernels, {tuning['trials']} trials this run)"
+        elif missing == total:
+            state = (
+                f"from detc's templates with default tiles ({total} kernels, none in the tuning "
+                "database; --tune searches for faster ones)"
+            )
+        else:
+            state = f"partly tuned ({missing} of {total} kernels not in the tuning database)"
     if not quiet:
         click.echo(result.pipeline_run.table())
     click.echo(

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from detc.compiler.errors import BadInputError, UnsupportedModelError
 from detc.compiler.tolerances import FP32_EXACT
-from detc.targets import build_artifact, load_artifact, read_manifest
+from detc.targets import TuningOptions, build_artifact, load_artifact, read_manifest
 from detc.targets.cpu import REQUIRED_FLAGS, detect_host_cpu, missing_flags
 from detc.targets.x86.target import X86Target
 
@@ -67,9 +67,19 @@ def unsupported_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+#: the artifact format with parameters beside the library: x86's plain pipeline (the default
+#: blocked one binds the weights into model.so, see tests/targets/x86)
+PLAIN = TuningOptions(tune=False, layout="plain")
+
+
 def _build(model: onnx.ModelProto, out_dir: Path, **fields: object) -> dict:
     return build_artifact(
-        model, "x86", out_dir, manifest_fields={**CALLER_FIELDS, **fields}, progress=False
+        model,
+        "x86",
+        out_dir,
+        manifest_fields={**CALLER_FIELDS, **fields},
+        progress=False,
+        tuning=PLAIN,
     )
 
 
