@@ -12,7 +12,6 @@ import io
 import json
 import math
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,19 +45,14 @@ DRIFT_PLOT = "score_drift.png"
 
 @dataclass(frozen=True)
 class RunnerSummary:
+    """One runner's detections evaluated. No latency: a detection check times Python-side calls
+    with first runs included, which says nothing of speed (``detc bench`` measures that)."""
+
     label: str
     metrics: CocoMetrics
-    #: wall time of the runner call only, not a benchmark; None where no time may be reported
-    #: (emulated runs prove numerics only)
-    mean_seconds_per_image: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        seconds = self.mean_seconds_per_image
-        return {
-            "label": self.label,
-            "mean_ms_per_image": None if seconds is None else seconds * 1e3,
-            **self.metrics.to_dict(),
-        }
+        return {"label": self.label, **self.metrics.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -123,10 +117,6 @@ class DetectionReport:
         if cand is not None:
             row += f"{cand.metrics.num_detections:>14}"
         lines.append(row)
-        row = f"{'ms / image (runner)':<22}{_ms(ref.mean_seconds_per_image):>14}"
-        if cand is not None:
-            row += f"{_ms(cand.mean_seconds_per_image):>14}"
-        lines.append(row)
         if self.agreement is not None:
             lines.append("")
             lines.extend(_agreement_lines(self.agreement))
@@ -180,10 +170,6 @@ class DetectionReport:
         md.append(
             f"| detections | {ref.metrics.num_detections} |"
             + (f" {cand.metrics.num_detections} | |" if cand else "")
-        )
-        md.append(
-            f"| ms / image (runner call) | {_ms(ref.mean_seconds_per_image)} |"
-            + (f" {_ms(cand.mean_seconds_per_image)} | |" if cand else "")
         )
         md.append("")
         if self.agreement is not None:
@@ -276,8 +262,6 @@ class DetectionComparison:
     candidate_dets: dict[int, Detections] = field(default_factory=dict)
     per_image: list[ImageAgreement] = field(default_factory=list)
     worst: dict[str, TensorDiff] = field(default_factory=dict)
-    reference_seconds: float = 0.0
-    candidate_seconds: float = 0.0
 
     def detections(self, outputs: Mapping[str, np.ndarray], sample: Any) -> Detections:
         """``outputs`` decoded, boxes in the original image's pixels."""
@@ -288,9 +272,7 @@ class DetectionComparison:
         self,
         sample: Any,
         reference: Mapping[str, np.ndarray],
-        reference_seconds: float,
         candidate: Mapping[str, np.ndarray] | None = None,
-        candidate_seconds: float = 0.0,
         *,
         reference_dets: Detections | None = None,
         candidate_dets: Detections | None = None,
@@ -300,13 +282,11 @@ class DetectionComparison:
         if reference_dets is None:
             reference_dets = self.detections(reference, sample)
         self.reference_dets[image_id] = reference_dets
-        self.reference_seconds += reference_seconds
         if candidate is None:
             return
         if candidate_dets is None:
             candidate_dets = self.detections(candidate, sample)
         self.candidate_dets[image_id] = candidate_dets
-        self.candidate_seconds += candidate_seconds
         if self.compare_tensors:
             for diff in compare_outputs(dict(candidate), dict(reference), self.tolerance):
                 self.worst[diff.name] = _worse(self.worst.get(diff.name), diff)
@@ -326,29 +306,21 @@ class DetectionComparison:
         *,
         reference_label: str = "reference",
         candidate_label: str = "candidate",
-        time_candidate: bool = True,
         candidate_metrics: CocoMetrics | None = None,
     ) -> DetectionReport:
         """COCO metrics of both and their agreement over the images added so far.
         ``candidate_metrics``: the candidate's, when another comparison of the same candidate
         detections has evaluated them already."""
         category_ids = category_ids_for(self.spec, dataset)
-        images = max(len(self.reference_dets), 1)
         reference = RunnerSummary(
-            reference_label,
-            evaluate_coco(self.reference_dets, dataset, category_ids),
-            self.reference_seconds / images,
+            reference_label, evaluate_coco(self.reference_dets, dataset, category_ids)
         )
         candidate = None
         agreement = None
         if self.candidate_dets:
             if candidate_metrics is None:
                 candidate_metrics = evaluate_coco(self.candidate_dets, dataset, category_ids)
-            candidate = RunnerSummary(
-                candidate_label,
-                candidate_metrics,
-                self.candidate_seconds / images if time_candidate else None,
-            )
+            candidate = RunnerSummary(candidate_label, candidate_metrics)
             agreement = aggregate_agreement(
                 self.per_image,
                 score_threshold=self.report_score_threshold,
@@ -392,13 +364,6 @@ def dataset_samples(
         bar.close()
 
 
-def timed(runner: Runner, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-    """``runner(feeds)`` and the seconds it took."""
-    start = time.perf_counter()
-    outputs = dict(runner(feeds))
-    return outputs, time.perf_counter() - start
-
-
 def evaluate_detection(
     reference: Runner,
     candidate: Runner | None,
@@ -413,7 +378,6 @@ def evaluate_detection(
     tolerance: Tolerance | None = None,
     reference_label: str = "reference",
     candidate_label: str = "candidate",
-    time_candidate: bool = True,
 ) -> DetectionReport:
     """Run ``reference`` (and ``candidate``) on every image of ``dataset`` and compare.
 
@@ -431,17 +395,11 @@ def evaluate_detection(
     category_ids_for(spec, dataset)  # and so does a bad class mapping
     for sample in dataset_samples(dataset, spec, max_images, progress):
         feeds = {spec.input_name: sample.tensor}
-        reference_out, reference_seconds = timed(reference, feeds)
-        if candidate is None:
-            comparison.add(sample, reference_out, reference_seconds)
-            continue
-        candidate_out, candidate_seconds = timed(candidate, feeds)
-        comparison.add(sample, reference_out, reference_seconds, candidate_out, candidate_seconds)
+        reference_out = dict(reference(feeds))
+        candidate_out = None if candidate is None else dict(candidate(feeds))
+        comparison.add(sample, reference_out, candidate_out)
     return comparison.report(
-        dataset,
-        reference_label=reference_label,
-        candidate_label=candidate_label,
-        time_candidate=time_candidate,
+        dataset, reference_label=reference_label, candidate_label=candidate_label
     )
 
 
@@ -462,10 +420,6 @@ def _worse(previous: TensorDiff | None, new: TensorDiff) -> TensorDiff:
         cosine_similarity=min(previous.cosine_similarity, new.cosine_similarity),
         within_tolerance=previous.within_tolerance and new.within_tolerance,
     )
-
-
-def _ms(seconds: float | None) -> str:
-    return "not timed" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
 def _points(value: float | None) -> str:

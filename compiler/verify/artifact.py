@@ -150,9 +150,10 @@ def verify_artifact(
     report is written to ``report_dir`` (default: ARTIFACT/report). ``max_map_drop``: points of
     mAP@[.5:.95] the artifact may lose (int8 default: the compile's budget, else 1.0; float
     default: no limit). ``min_reference_map``: the reference's own mAP@.5 (points) below which
-    the dataset check fails as a likely preprocessing or decoder mismatch. ``emulate`` runs a cross-compiled artifact under qemu, ``device`` on a
-    board (rpc://...). ``on_tensors`` gets the report once the tensors are compared, before the
-    slower dataset run: the CLI prints the tensor table then.
+    the dataset check fails as a likely preprocessing or decoder mismatch. ``emulate`` runs a
+    cross-compiled artifact under qemu, ``device`` on a board (rpc://...). ``on_tensors``
+    gets the report once the tensors are compared, before the slower dataset run: the CLI
+    prints the tensor table then.
 
     Raises BadInputError for what cannot be checked (no artifact, no reference, bad dataset); a
     failed check is not raised but listed in ``failures`` (see :meth:`~VerificationReport.

@@ -19,7 +19,6 @@ from detc.compiler.detection.report import (
     Runner,
     dataset_samples,
     evaluate_detection,
-    timed,
 )
 from detc.compiler.detection.spec import ModelSpec, spec_from_onnx
 from detc.compiler.errors import BadInputError
@@ -129,8 +128,6 @@ def verify_detection(
         progress=progress,
         reference_label=f"onnxruntime ({Path(reference).name})",
         candidate_label=label,
-        # an emulated run proves numerics only: its time must never be read as latency
-        time_candidate=not emulate,
     )
 
 
@@ -396,20 +393,15 @@ def verify_quantized_detection(
     agreement = Int8Agreement()
     for sample in dataset_samples(dataset, spec, max_images, progress):
         feeds = {spec.input_name: sample.tensor}
-        exact, float_seconds = timed(lambda f: run_session(float_session, f), feeds)
-        quantized, quantized_seconds = timed(lambda f: run_session(quantized_session, f), feeds)
+        exact = run_session(float_session, feeds)
+        quantized = run_session(quantized_session, feeds)
         jittered = run_session(jittered_session, feeds)
-        outputs, seconds = timed(candidate, feeds)
+        outputs = dict(candidate(feeds))
         artifact_dets = versus_float.detections(outputs, sample)
-        versus_float.add(
-            sample, exact, float_seconds, outputs, seconds, candidate_dets=artifact_dets
-        )
-        versus_quantized.add(
-            sample, quantized, quantized_seconds, outputs, seconds, candidate_dets=artifact_dets
-        )
+        versus_float.add(sample, exact, outputs, candidate_dets=artifact_dets)
+        versus_quantized.add(sample, quantized, outputs, candidate_dets=artifact_dets)
         agreement.add(outputs, quantized, jittered, exact if compare_with_float else None)
-    # an emulated run proves numerics only: its time must never be read as latency
-    labels: dict[str, Any] = {"candidate_label": label, "time_candidate": not emulate}
+    labels: dict[str, Any] = {"candidate_label": label}
     float_report = versus_float.report(
         dataset, reference_label=f"onnxruntime ({Path(float_reference).name})", **labels
     )

@@ -101,11 +101,16 @@ def test_verify_uses_given_inputs(compiled: tuple[Path, Path], tmp_path: Path) -
 
 
 def test_tampered_artifact_exits_3(compiled: tuple[Path, Path], tmp_path: Path) -> None:
-    model_path, artifact = compiled
-    import shutil
+    model_path, _ = compiled
+    from detc.targets import TuningOptions
 
+    # the plain pipeline keeps the weights in params.npz, where a tamperer can reach them (the
+    # default blocked one compiles them into model.so, whose sha256 is checked before loading)
     broken = tmp_path / "broken"
-    shutil.copytree(artifact, broken)
+    plain = {"tuning": TuningOptions(tune=False, layout="plain")}
+    detc.compile_model(
+        model_path, target="x86", out_dir=broken, progress=False, target_options=plain
+    )
     with np.load(broken / "params.npz") as data:
         params = {k: data[k] for k in data.files}
     first = sorted(params)[0]
