@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from detc.compiler.errors import BadInputError
 from detc.compiler.frontend import LoadedModel, load_model
 from detc.compiler.ir.pass_base import DetcPass
 from detc.compiler.ir.pipeline import (
@@ -62,6 +63,14 @@ def _as_loaded(
 ) -> LoadedModel:
     if isinstance(source, LoadedModel):
         return source
+    if not isinstance(source, (str, os.PathLike)):
+        kind = type(source).__name__
+        hint = (
+            "export it first: detc.from_torch(module, example_inputs)"
+            if any(c.__module__.startswith("torch") for c in type(source).__mro__)
+            else "give a path to an .onnx or .pt2 file, or a detc.LoadedModel"
+        )
+        raise BadInputError(f"cannot compile a {kind}: {hint}")
     return load_model(source, input_shapes=input_shapes)
 
 
