@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from detc.targets import arm as _arm  # noqa: F401  (registers the arm targets)
+from detc.targets import cuda as _cuda  # noqa: F401  (registers the cuda targets)
 from detc.targets import x86 as _x86  # noqa: F401  (registers the x86 target)
 from detc.targets.artifact import (
     FORMAT,

@@ -41,6 +41,8 @@ class BuildContext:
     tuning: TuningOptions | None = None
     #: which of the target's named pipelines runs (None: its first); see Target.pipeline_for
     pipeline: str | None = None
+    #: the arithmetic asked for, one of the target's ``precisions`` (None: as the model is)
+    precision: str | None = None
     tvm_target: Any = None  # tvm.target.Target, set before the first phase
     mod: Any = None  # tvm.IRModule, from import on
     params: list[np.ndarray] = field(default_factory=list)  # main's arguments after the inputs

@@ -4,12 +4,11 @@ needed for and how to get it (imports TVM lazily)."""
 from __future__ import annotations
 
 import importlib.metadata
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from detc.compiler.errors import ToolchainMissingError
+from detc.targets.cuda.toolkit import NVCC_INSTALL_HINT, find_nvcc, local_gpu, nvcc_release
 from detc.targets.remote.emulator import emulation_env_status
 from detc.targets.remote.toolchain import (
     CROSS_COMPILER_APT_LINE,
@@ -29,28 +28,6 @@ def _binfmt_aarch64_state() -> str | None:
     except (OSError, IndexError):
         return None
     return f"{entry} ({first})"
-
-
-def _nvcc_path() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
-
-
-def _nvcc_release(path: str) -> str:
-    try:
-        completed = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown version"
-    # The first line only names the driver; the release is on a later one.
-    for line in completed.stdout.splitlines():
-        if "release" in line:
-            return line.strip()
-    return "unknown version"
 
 
 def _package_version(distribution: str) -> str | None:
@@ -97,7 +74,7 @@ def doctor() -> list[ToolRecord]:
     except ToolchainMissingError:
         cross = None
     qemu = find_qemu_aarch64()
-    nvcc = _nvcc_path()
+    nvcc = find_nvcc()
     onnxruntime = _package_version("onnxruntime") or _package_version("onnxruntime-gpu")
     return [
         ToolRecord(
@@ -138,9 +115,16 @@ def doctor() -> list[ToolRecord]:
         ),
         ToolRecord(
             "nvcc",
-            f"{nvcc} ({_nvcc_release(nvcc)})" if nvcc else None,
-            "CUDA target (--target cuda)",
-            "install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads)",
+            f"{nvcc} ({nvcc_release(nvcc)})" if nvcc else None,
+            "building CUDA artifacts (--target cuda: device code compiled to a fatbin)",
+            NVCC_INSTALL_HINT,
+        ),
+        ToolRecord(
+            "CUDA GPU",
+            # not "missing": a build machine needs no GPU
+            local_gpu() or "none on this machine (CUDA artifacts build here but run elsewhere)",
+            "running CUDA artifacts (detc verify / bench); building needs none",
+            "a machine with an NVIDIA GPU and its driver (nvidia-smi lists it)",
         ),
         ToolRecord(
             "onnxruntime",

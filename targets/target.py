@@ -95,6 +95,8 @@ class Target(ABC):
     device_kind: ClassVar[str] = "cpu"
     #: compute float16 graphs in float32 (casts at the graph boundary): see precision.py
     promote_float16: ClassVar[bool] = True
+    #: what ``build_artifact(precision=...)`` may ask of this target
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -219,7 +221,8 @@ class Target(ABC):
             logger.debug("onnx importer: %s", warning.message)
         mod, params = relax.frontend.detach_params(mod)
         ctx.mod = mod
-        ctx.params = [np.ascontiguousarray(p.numpy()) for p in params.get("main", [])]
+        # np.asarray, not np.ascontiguousarray: that makes a 0-d parameter shape (1,)
+        ctx.params = [np.asarray(p.numpy(), order="C") for p in params.get("main", [])]
         ctx.num_inputs = int(mod["main"].attrs["num_input"])
         summary = f"{ctx.num_inputs} input(s), {len(ctx.params)} parameters"
         return summary + (", float16 computed in float32" if promoted else "")
@@ -349,18 +352,24 @@ def _refuse_dynamic_inputs(model: onnx.ModelProto) -> None:
 
 
 def _refuse_unsupported_ops(model: onnx.ModelProto) -> None:
-    """Name every op TVM's ONNX importer lacks, before it fails on the first one."""
+    """Name every node TVM's ONNX importer lacks (op, domain, name; sorted), in one line, before
+    it fails on the first one."""
     try:
         from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
     except ImportError:  # a TVM without this private helper: the importer's own error remains
         return
     known = set(_get_convert_map()) | {"Constant", "If"}
-    missing = list(dict.fromkeys(n.op_type for n in model.graph.node if n.op_type not in known))
-    if missing:
-        described = ", ".join(_describe_nodes(model, op) for op in missing)
+    unsupported = sorted(
+        (node.op_type, node.domain or "ai.onnx", node.name or f"#{index}")
+        for index, node in enumerate(model.graph.node)
+        if node.op_type not in known
+    )
+    if unsupported:
+        nodes = ", ".join(f"{op} ({domain}) '{name}'" for op, domain, name in unsupported)
+        count = f"{len(unsupported)} node{'s' if len(unsupported) > 1 else ''}"
         raise UnsupportedModelError(
-            f"TVM's ONNX importer does not support {described}: replace or remove these ops "
-            "(e.g. move them into post-processing)"
+            f"TVM's ONNX importer does not support {count}: {nodes}; replace or remove these "
+            "ops (e.g. move them into post-processing)"
         )
 
 

@@ -311,6 +311,30 @@ def test_unsupported_op_names_the_node_and_leaves_nothing(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_unsupported_node_is_listed_sorted_in_one_line(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Col2Im", ["x", "shape", "block"], ["a"], name="fold_b"),
+            helper.make_node("Mystery", ["a"], ["b"], name="custom", domain="com.example"),
+            helper.make_node("Col2Im", ["b", "shape", "block"], ["y"], name="fold_a"),
+        ],
+        "unsupported",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.array([3, 3], np.int64), "shape"),
+            numpy_helper.from_array(np.array([1, 1], np.int64), "block"),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    with pytest.raises(UnsupportedModelError) as caught:
+        build_artifact(model, "x86", tmp_path / "out", manifest_fields={}, progress=False)
+    message = str(caught.value)
+    assert "3 nodes: Col2Im (ai.onnx) 'fold_a', Col2Im (ai.onnx) 'fold_b', " in message
+    assert "Mystery (com.example) 'custom'" in message and "\n" not in message
+
+
 def test_progress_and_the_default_schedule_notice_reach_the_callback(
     tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
