@@ -38,6 +38,7 @@ from detc.targets.artifact import (
     build_artifact,
     read_manifest,
 )
+from detc.targets.bundle import package_artifact
 from detc.targets.context import (
     LIBRARY_FILE,
     MANIFEST_FILE,
@@ -114,6 +115,7 @@ __all__ = [
     "load_artifact",
     "local_rpc_server",
     "local_rpc_tracker",
+    "package_artifact",
     "parse_device",
     "read_manifest",
     "register_target",

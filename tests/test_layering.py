@@ -48,6 +48,7 @@ COMPILER_LAYERS = {
     "detc.compiler.ir": FOUNDATION,
     "detc.compiler.detection": FOUNDATION,
     "detc.compiler.progress": FOUNDATION,
+    "detc.compiler.depfile": FOUNDATION,
     "detc.compiler.driver": TOP,
     "detc.compiler.sweep": TOP,
     "detc.compiler.bench": TOP,
