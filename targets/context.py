@@ -55,6 +55,14 @@ class BuildContext:
     #: (phase name, seconds, summary) for every phase that ran
     timings: list[tuple[str, float, str]] = field(default_factory=list)
 
+    def reset_for_rebuild(self) -> None:
+        """Forget what the phases built, to run another pipeline on the same model from its
+        start (the staging folder, threads and callbacks stay)."""
+        self.mod, self.params, self.num_inputs, self.executable = None, [], 0, None
+        self.searched_seconds = 0.0
+        self.manifest.clear()
+        self.timings.clear()
+
 
 @dataclass(frozen=True)
 class Phase:

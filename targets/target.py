@@ -51,10 +51,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
+import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -175,6 +179,10 @@ class Target(ABC):
         """The pipeline a build with ``tuning`` options (None: :meth:`default_tuning`) runs."""
         return next(iter(self.pipelines()))
 
+    def fallback_pipeline(self, pipeline: str | None) -> str | None:
+        """The pipeline to rebuild with when ``pipeline``, chosen by default, fails (None: none)."""
+        return None
+
     def default_tuning(self) -> TuningOptions | None:
         """What a build that asked for no tuning gets. None: TVM's default schedules.
 
@@ -208,6 +216,7 @@ class Target(ABC):
         }
         _refuse_dynamic_inputs(model)
         _refuse_unsupported_ops(model)
+        model = _index_initializers_as_constants(model)
         chatter = io.StringIO()
         try:
             # The importer print()s the op it failed on and warns about checker findings: keep
@@ -285,27 +294,96 @@ def count_tir_functions(mod: Any) -> int:
     return sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
 
 
+class _PhaseFailed(Exception):
+    def __init__(self, phase: str, error: Exception) -> None:
+        super().__init__(phase)
+        self.phase, self.error = phase, error
+
+
 def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None = None) -> None:
     """Run ``target``'s phases in order (``only``: just these), timing each; TVM failures become
-    one-line DetcErrors."""
+    one-line DetcErrors.
+
+    A build that asked for no tuning gets :meth:`Target.default_tuning`; if that default pipeline
+    fails on this model (a layout the template cannot express), the build starts over on the
+    target's :meth:`Target.fallback_pipeline` and says so: the default must never be the reason
+    a model does not compile.
+    """
     import tvm
 
     ctx.tvm_target = tvm.target.Target(target.tvm_target_json(ctx.num_threads))
-    if ctx.tuning is None:
+    defaulted = ctx.tuning is None
+    if defaulted:
         ctx.tuning = target.default_tuning()
+    fallback = target.fallback_pipeline(ctx.pipeline) if defaulted else None
+    # TVM's importer may leave its marks on the proto it reads: the rebuild starts from a copy
+    pristine = ctx.model.SerializeToString() if fallback is not None else b""
+    try:
+        _run_pipeline(target, ctx, only, quiet_failures=fallback is not None)
+    except _PhaseFailed as failed:
+        if fallback is None:
+            raise _phase_error(target, failed.phase, failed.error) from failed.error
+        ctx.warn(
+            f"{target.name}: the {ctx.pipeline} pipeline failed on this model ({failed.phase}: "
+            f"{_first_line(failed.error)}); built with the {fallback} pipeline and TVM's default "
+            "schedules instead (correct, but slower)"
+        )
+        ctx.reset_for_rebuild()
+        ctx.model = onnx.load_from_string(pristine)
+        ctx.pipeline, ctx.tuning = fallback, None
+        try:
+            _run_pipeline(target, ctx, only, quiet_failures=False)
+        except _PhaseFailed as again:
+            raise _phase_error(target, again.phase, again.error) from again.error
+
+
+def _run_pipeline(
+    target: Target, ctx: BuildContext, only: tuple[str, ...] | None, *, quiet_failures: bool
+) -> None:
     for phase in target.phases(ctx.pipeline):
         if only is not None and phase.name not in only:
             continue
         start = time.perf_counter()
         try:
-            summary = phase.run(ctx)
+            # TVM's C++ side prints on stderr when a failed legalize unwinds ("BlockBuilder
+            # destroyed with remaining blocks!"): noise beside detc's one-line error, or beside
+            # a fallback that succeeds
+            # (tune keeps stderr: its progress bar draws there)
+            with _stderr_held_back(enabled=quiet_failures or phase.name != "tune"):
+                summary = phase.run(ctx)
         except DetcError:
             raise
         except Exception as err:
-            raise _phase_error(target, phase.name, err) from err
+            raise _PhaseFailed(phase.name, err) from err
         seconds = time.perf_counter() - start
         ctx.timings.append((phase.name, seconds, summary))
         ctx.progress(f"{target.name} {phase.name}: {summary} ({seconds:.1f} s)")
+
+
+@contextlib.contextmanager
+def _stderr_held_back(*, enabled: bool) -> Iterator[None]:
+    """Hold back what is written on file descriptor 2 (C++ logs) inside; pass it on only if the
+    block succeeds."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if succeeded:
+                held.seek(0)
+                text = held.read().decode("utf-8", "replace")
+                if text:
+                    sys.stderr.write(text)
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -324,6 +402,44 @@ def _describe_nodes(model: onnx.ModelProto, op_type: str) -> str:
         return op_type
     more = f", +{len(names) - 1} more" if len(names) > 1 else ""
     return f"{op_type} (node '{names[0]}'{more})"
+
+
+#: initializers of these types and at most this many elements are shapes, axes and indices
+_INDEX_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+_INDEX_ELEMENTS = 4096
+
+
+def _index_initializers_as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose small int64/int32 initializers are ``Constant`` nodes.
+
+    The importer keeps every initializer as a parameter of main (``keep_params_in_input``), so
+    a shape that fold-constants left as an initializer (an Expand's, say) became a runtime value
+    and the op's output shape dynamic: TVM then computed a wrong shape without a word.
+    """
+    index = [
+        init
+        for init in model.graph.initializer
+        if init.data_type in _INDEX_TYPES and np.prod(init.dims, dtype=np.int64) <= _INDEX_ELEMENTS
+    ]
+    if not index:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    names = {init.name for init in index}
+    kept = [init for init in copy.graph.initializer if init.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    graph_inputs = [v for v in copy.graph.input if v.name not in names]
+    del copy.graph.input[:]
+    copy.graph.input.extend(graph_inputs)
+    constants = [
+        onnx.helper.make_node("Constant", [], [init.name], name=f"{init.name}/constant", value=init)
+        for init in index
+    ]
+    nodes = list(copy.graph.node)
+    del copy.graph.node[:]
+    copy.graph.node.extend([*constants, *nodes])
+    return copy
 
 
 def _refuse_dynamic_inputs(model: onnx.ModelProto) -> None:

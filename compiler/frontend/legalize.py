@@ -13,6 +13,10 @@ downstream reads only one spelling:
   ``interpolate(size=...)``): the ONNX spec treats an empty input as absent; TVM refuses both.
   Inputs of Resize may be absent only from opset 13 on, so such a model is first converted to
   opset 13 (exact: :func:`needs_optional_resize_inputs`).
+* **``ConstantOfShape`` of a small constant shape** (PyTorch's ``F.pad`` computes its ``pads``
+  through one): the constant folder never folds ConstantOfShape, so the pads stayed computed and
+  TVM refused them ("Dynamic pads are not supported"). Up to :data:`CONSTANT_OF_SHAPE_LIMIT`
+  elements it becomes a ``Constant``.
 
 :func:`check_attributes` refuses attribute values that ONNX shape inference and onnxruntime
 reject and that TVM would index out of bounds with (negative dilations, pads, strides).
@@ -33,6 +37,9 @@ _SCALAR_CONSTANT_ATTRIBUTES = {
     "value_float": np.float32,
     "value_floats": np.float32,
 }
+
+#: ConstantOfShape outputs up to this many elements become Constants (pads, small shape tensors)
+CONSTANT_OF_SHAPE_LIMIT = 1024
 
 #: ops whose spatial attributes index into the input's dimensions
 _WINDOW_OPS = frozenset(
@@ -123,10 +130,41 @@ def empty_resize_inputs_as_absent(model: ir.Model) -> int:
     return len(found)
 
 
+def small_constant_of_shape_as_constants(model: ir.Model) -> int:
+    """``ConstantOfShape`` of a constant shape, small enough, → ``Constant``; returns how many."""
+    rewritten = 0
+    for node in _all_nodes(model.graph):
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+            continue
+        shape = _constant(node.inputs[0] if node.inputs else None)
+        if shape is None or shape.ndim != 1:
+            continue
+        dims = [int(d) for d in shape]
+        if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) > CONSTANT_OF_SHAPE_LIMIT:
+            continue
+        attr = node.attributes.get("value")
+        # ONNX's default fill is a float32 zero
+        fill = (
+            attr.value.numpy().reshape(-1)
+            if attr is not None and isinstance(attr.value, ir.TensorProtocol)
+            else np.zeros(1, dtype=np.float32)
+        )
+        # Rewritten in place: the output keeps its name, type and every use.
+        node.resize_inputs(0)
+        node.op_type = "Constant"
+        node.attributes.clear()
+        node.attributes["value"] = ir.AttrTensor(
+            "value", ir.tensor(np.full(dims, fill[0], dtype=fill.dtype))
+        )
+        rewritten += 1
+    return rewritten
+
+
 def legalize(model: ir.Model) -> None:
     """Every rewrite above, in place."""
     drop_initializer_inputs(model)
     constants_as_value_tensors(model)
+    small_constant_of_shape_as_constants(model)
     empty_resize_inputs_as_absent(model)
 
 

@@ -136,6 +136,11 @@ class X86Target(Target):
         chosen = tuning if tuning is not None else self.default_tuning()
         return BLOCKED_PIPELINE if chosen.layout == BLOCKED_PIPELINE else PLAIN_PIPELINE
 
+    def fallback_pipeline(self, pipeline: str | None) -> str | None:
+        # some convolutions the blocked layout cannot express yet (seen in the zoo: a DFL head's
+        # 16-channel conv, non-multiple depthwise convs, ConvTranspose necks)
+        return PLAIN_PIPELINE if pipeline == BLOCKED_PIPELINE else None
+
     def default_tuning(self) -> TuningOptions:
         # The blocked convolution template's default tiles, and whatever the tuning database
         # (default: $DETC_CACHE_DIR/tuning) holds for this CPU: ~1.1x onnxruntime on yolov5n

@@ -374,6 +374,64 @@ def test_a_build_without_tuning_flags_uses_the_convolution_template(
     assert manifest["calling_convention"] == "inputs"
 
 
+def test_a_default_pipeline_that_fails_falls_back_to_the_plain_one(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocked template cannot express every convolution yet (the zoo found DFL heads,
+    odd depthwise and ConvTranspose necks): the default build must still compile, and say so."""
+    from detc.targets.x86.target import X86Target
+
+    def unsupported_layout(self: X86Target, ctx: object) -> str:
+        raise RuntimeError("Layouts must have the same size")
+
+    monkeypatch.setattr(X86Target, "legalize_blocked", unsupported_layout)
+    notices: list[str] = []
+    model = detector_ops_model(rng)
+    manifest = build_artifact(
+        model, "x86", tmp_path / "fb", manifest_fields={}, progress=False, report=notices.append
+    )
+    assert any(
+        "blocked pipeline failed on this model (legalize: Layouts must" in n for n in notices
+    )
+    assert manifest["calling_convention"] == "inputs+params"
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    actual = load_artifact(tmp_path / "fb")(x=x)
+    for name, value in _onnxruntime(model, {"x": x}).items():
+        np.testing.assert_allclose(
+            actual[name], value, rtol=COMPILED_FP32.rtol, atol=COMPILED_FP32.atol
+        )
+
+
+def test_an_expand_shape_held_as_an_initializer_stays_a_constant(tmp_path: Path) -> None:
+    """fold-constants leaves shapes as int64 initializers; imported as runtime parameters they
+    made the shape of TopK → Unsqueeze → Expand dynamic (a zoo CenterFace head: a wrong output
+    shape, or a failed build)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("TopK", ["x", "k"], ["values", "indices"], name="topk", axis=1),
+            helper.make_node("Unsqueeze", ["indices", "axes"], ["column"], name="unsqueeze"),
+            helper.make_node("Expand", ["column", "shape"], ["y"], name="expand"),
+        ],
+        "expand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 400])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 20, 14])],
+        [
+            numpy_helper.from_array(np.array([20], np.int64), "k"),
+            numpy_helper.from_array(np.array([2], np.int64), "axes"),
+            numpy_helper.from_array(np.array([1, 1, 14], np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    from detc.targets import TuningOptions
+
+    # the plain pipeline (ARM's, and x86's fallback) passes initializers as parameters
+    plain = TuningOptions(tune=False, layout="plain")
+    build_artifact(model, "x86", tmp_path / "e", manifest_fields={}, progress=False, tuning=plain)
+    x = np.random.default_rng(0).permutation(400).astype(np.float32).reshape(1, 400)
+    y = load_artifact(tmp_path / "e")(x=x)["y"]
+    np.testing.assert_array_equal(y, _onnxruntime(model, {"x": x})["y"])
+
+
 # ---- threads -------------------------------------------------------------------------------
 
 _THREAD_PROBE = r"""
