@@ -11,7 +11,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from detc.compiler.errors import BadInputError
+from detc.compiler.errors import BadInputError, DetcError
 from detc.compiler.frontend import LoadedModel, load_model
 from detc.compiler.ir.pass_base import DetcPass
 from detc.compiler.ir.pipeline import (
@@ -203,18 +203,21 @@ def compile_model(
     progress: bool = True,
     target_options: Mapping[str, Any] | None = None,
 ) -> CompileResult:
-    """Compile a model for ``target`` into an artifact directory (written atomically)."""
+    """Compile a model for ``target`` into an artifact directory (written atomically).
+
+    The artifact keeps the float model it was compiled from as ``reference.onnx`` (its sha256
+    in the manifest): ``detc verify`` and ``bench`` compare with it by default and never open a
+    path outside the artifact. The manifest holds no build times, so that the same model and
+    options give a byte-identical artifact.
+    """
     from detc.targets import build_artifact, resolve_target
-    from detc.targets.artifact import SOURCE_REFERENCE_FILE
+    from detc.targets.artifact import SOURCE_REFERENCE_FILE, check_output_location
 
     resolve_target(target)  # a misspelt target fails now, not after minutes of passes
+    check_output_location(Path(out_dir))  # so does an -o the build could not write
     loaded = _as_loaded(source, input_shapes)
-    extra_files: dict[str, bytes] = {}
-    if loaded.path is None or loaded.path.suffix.lower() != ".onnx":
-        # verify and bench compare with onnxruntime, which cannot read the .pt2 / module: keep
-        # the float model as exported, before any pass
-        exported = ir.serde.serialize_model(loaded.model)
-        extra_files[SOURCE_REFERENCE_FILE] = exported.SerializeToString()
+    reference = _float_reference(loaded)
+    extra_files = {SOURCE_REFERENCE_FILE: reference}
     loaded, run = optimize(
         loaded,
         pipeline,
@@ -229,28 +232,75 @@ def compile_model(
     fields: dict[str, Any] = {
         "pipeline": str(run.pipeline),
         "source": {
+            # provenance only: nothing reads the model back from there
             "path": str(loaded.path) if loaded.path else None,
             "sha256": loaded.sha256,
-            "onnx": SOURCE_REFERENCE_FILE if SOURCE_REFERENCE_FILE in extra_files else None,
+            "onnx": SOURCE_REFERENCE_FILE,
+            "onnx_sha256": hashlib.sha256(reference).hexdigest(),
         },
         "detc_version": detc_version(),
         "model_spec": _model_spec_for(loaded, proto, model_spec),
         "metadata": loaded.metadata,
-        "passes": [r.to_dict() for r in run.records],
+        "passes": [_without_times(r.to_dict()) for r in run.records],
     }
     if quantization is not None:
         fields["quantization"] = quantization
-    manifest = build_artifact(
-        proto,
-        target,
-        Path(out_dir),
-        manifest_fields=fields,
-        num_threads=num_threads,
-        progress=progress,
-        extra_files=extra_files,
-        **dict(target_options or {}),
-    )
+    try:
+        manifest = build_artifact(
+            proto,
+            target,
+            Path(out_dir),
+            manifest_fields=fields,
+            num_threads=num_threads,
+            progress=progress,
+            extra_files=extra_files,
+            **dict(target_options or {}),
+        )
+    except DetcError as err:
+        raise _naming_the_model(err, loaded.path) from err
     return CompileResult(manifest, run, Path(out_dir))
+
+
+def _float_reference(loaded: LoadedModel) -> bytes:
+    """The float model as onnxruntime will read it in ``detc verify``: an ONNX source file as
+    it is (its external data inlined), else (a .pt2 or torch module, which onnxruntime cannot
+    read) the model as exported, before any pass."""
+    path = loaded.path
+    if path is None or path.suffix.lower() != ".onnx":
+        return ir.serde.serialize_model(loaded.model).SerializeToString()
+    import onnx
+
+    # the front end checked this file (size, external data confined to its folder): use it only
+    # if it still is that file
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != loaded.sha256:
+        raise BadInputError(f"{path}: the file changed while detc was reading it; run again")
+    proto = onnx.ModelProto.FromString(data)
+    if not any(
+        onnx.external_data_helper.uses_external_data(tensor)
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+    ):
+        return data
+    onnx.load_external_data_for_model(proto, str(path.parent))
+    return proto.SerializeToString()
+
+
+def _without_times(record: dict[str, Any]) -> dict[str, Any]:
+    """A pass record as the manifest keeps it: without its wall time (which differs on every
+    build; the pass table printed while compiling shows it)."""
+    return {key: value for key, value in record.items() if key != "seconds"}
+
+
+def _naming_the_model(err: DetcError, path: Path | None) -> DetcError:
+    """``err`` with the model file named first, when its message does not name it already
+    (errors of the target's phases speak of TVM's view of the graph, not of the file)."""
+    message = str(err)
+    if path is None or str(path) in message:
+        return err
+    try:
+        return type(err)(f"{path}: {message}")
+    except TypeError:  # an error class with a constructor of its own: as it is
+        return err
 
 
 def load(out_dir: str | os.PathLike[str], *, num_threads: int | None = None) -> Any:

@@ -116,4 +116,15 @@ def load_feeds(path: str, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]
     missing = [s.name for s in inputs if s.name not in feeds]
     if missing:
         raise BadInputError(f"{path}: no array for input(s) {', '.join(missing)}")
+    for spec in inputs:
+        array = feeds[spec.name]
+        fits = array.ndim == len(spec.shape) and all(
+            not isinstance(want, int) or want == got
+            for want, got in zip(spec.shape, array.shape, strict=True)
+        )
+        if not fits or array.dtype != np.dtype(spec.dtype):
+            raise BadInputError(
+                f"{path}: '{spec.name}' is {array.dtype} {list(array.shape)}, the model takes "
+                f"{spec.dtype} {list(spec.shape)}"
+            )
     return {s.name: feeds[s.name] for s in inputs}

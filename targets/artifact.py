@@ -3,32 +3,37 @@
     <out_dir>/manifest.json   what was built, for what, from what (format "detc-artifact" v1)
     <out_dir>/model.so        the Relax VM executable (``export_library``)
     <out_dir>/params.npz      main()'s parameters after the inputs: p00000, p00001, …
+    <out_dir>/reference.onnx  the float model compiled from (``detc compile`` keeps it, its
+                              sha256 in the manifest): verify's and bench's default reference
     <out_dir>/reference_qdq.onnx  int8 artifacts only: the quantized model as QDQ ONNX, which
                               ``detc verify`` runs in onnxruntime as the quantized reference
     <out_dir>/report/         written later by ``detc verify --data`` (replaced by a rebuild)
 
-The directory is built under a hidden temporary name beside ``out_dir`` and renamed into place
-only when every phase has succeeded, so a failed or interrupted build leaves neither a
-half-written ``out_dir`` nor the temporary directory, and an existing artifact survives it.
+The directory is built under a hidden temporary name beside ``out_dir`` (``.NAME.tmp-PID-…``,
+the builder's process id in it) and renamed into place only when every phase has succeeded, so a
+failed or interrupted build leaves neither a half-written ``out_dir`` nor the temporary directory,
+and an existing artifact survives it. A build killed outright (SIGKILL, power loss) cannot clean
+up: the next build of the same ``out_dir`` removes what a builder that is no longer running left.
+The output location is checked before any work (:func:`check_output_location`).
 
-Every reader goes through :meth:`Artifact.open`, which parses manifest.json into a typed
-:class:`Manifest` and checks it once (format, version, required fields, file names inside the
-directory, the library present); :func:`read_manifest` is the same check returning the JSON.
+The artifact is reproducible: the same model, target and options give byte-identical files, so
+a build system may compare artifacts by hash. The manifest holds no build times (the progress
+lines report them) and no date unless ``SOURCE_DATE_EPOCH`` gives one (``built_at``).
+
+Reading an artifact back (the typed :class:`Manifest`, :meth:`Artifact.open` and its checks) is
+:mod:`detc.targets.manifest`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
-import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +42,24 @@ import onnx
 
 from detc.compiler.errors import BadInputError
 from detc.compiler.fileio import replace_directory, write_text_atomically
-from detc.compiler.reference import TensorSpec
-from detc.targets.context import (
-    LIBRARY_FILE,
-    MANIFEST_FILE,
-    PARAMS_FILE,
-    BuildContext,
-    param_key,
+from detc.targets.context import LIBRARY_FILE, MANIFEST_FILE, PARAMS_FILE, BuildContext
+from detc.targets.manifest import (
+    CALLING_CONVENTIONS,
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_INPUT_BYTES,
+    Artifact,
+    Manifest,
+    contiguous,
+    read_manifest,
+    sha256_of,
+    tensor_bytes,
 )
-from detc.targets.target import Target, resolve_target, run_phases
+from detc.targets.target import resolve_target, run_phases
 from detc.targets.tuning.options import TuningOptions
 
 logger = logging.getLogger("detc.targets")
 
-FORMAT = "detc-artifact"
-FORMAT_VERSION = 1
 #: the manifest keys this module writes; callers' ``manifest_fields`` may not override them
 OWNED_FIELDS = frozenset(
     {
@@ -72,26 +80,14 @@ OWNED_FIELDS = frozenset(
     }
 )
 QUANTIZED_REFERENCE_FILE = "reference_qdq.onnx"
-#: the float model as detc exported it, kept when the source was not an ONNX file (a torch
-#: module or ``.pt2``): onnxruntime, which ``detc verify`` and ``bench`` compare with, reads ONNX
+#: the float model compiled from, as ONNX (a .pt2 or torch module as exported): the reference
+#: ``detc verify`` and ``bench`` compare with unless told otherwise
 SOURCE_REFERENCE_FILE = "reference.onnx"
 #: what ``detc verify --data`` writes into the artifact by default
 REPORT_DIR = "report"
 #: files ``build_artifact(extra_files=...)`` may add beside the library
 EXTRA_FILES = frozenset({QUANTIZED_REFERENCE_FILE, SOURCE_REFERENCE_FILE})
 _ARTIFACT_FILES = frozenset({MANIFEST_FILE, LIBRARY_FILE, PARAMS_FILE, REPORT_DIR}) | EXTRA_FILES
-#: the calling conventions of ``main``: graph inputs then params.npz, or inputs only
-CALLING_CONVENTIONS = ("inputs+params", "inputs")
-#: the manifest keys every reader needs
-_REQUIRED_FIELDS = ("target", "library", "params", "calling_convention", "inputs", "outputs")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _value_specs(values: Any, skip: set[str]) -> list[dict[str, Any]]:
@@ -128,7 +124,12 @@ def _versions() -> dict[str, str]:
 
 
 def _looks_like_artifact(directory: Path) -> bool:
-    entries = {p.name for p in directory.iterdir()}
+    try:
+        entries = {p.name for p in directory.iterdir()}
+    except OSError as err:
+        raise BadInputError(
+            f"{directory} cannot be read ({err.strerror or err}); choose another output path"
+        ) from None
     return not entries or (MANIFEST_FILE in entries and entries <= _ARTIFACT_FILES)
 
 
@@ -149,6 +150,136 @@ def _current_umask() -> int:
     return mask
 
 
+def _absolute(out_dir: Path | str) -> Path:
+    # normalised (``..`` folded) but not resolved: a symlinked parent folder stays as named
+    return Path(os.path.abspath(out_dir))
+
+
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.tmp-{os.getpid()}-"
+
+
+#: what a build of ``out_dir`` leaves beside it while it runs: the staging folder (with the
+#: builder's pid) and, for a moment, the previous artifact moved aside by replace_directory
+def _leftover_pattern(out_dir: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(out_dir.name)}\.(?:tmp-(\d+)-[^/]+|old-[0-9a-f]{{8}})")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove the staging folders of builds of ``out_dir`` whose builder is gone (killed before
+    it could clean up), and previous artifacts a killed build had moved aside."""
+    pattern = _leftover_pattern(out_dir)
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = found.group(1)
+        if pid is not None and (int(pid) == os.getpid() or _process_alive(int(pid))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_output_location(out_dir: Path | str) -> None:
+    """BadInputError unless a build can write the artifact folder ``out_dir``: checked before
+    any work, so that a bad ``-o`` fails in a second, not after the whole build.
+
+    Refused: an existing file or non-artifact folder at ``out_dir``, a file where a parent
+    folder should be, a name too long for the file system (with the staging folder's suffix),
+    and a folder this process cannot create entries in (read-only, no permission).
+    """
+    out_dir = _absolute(out_dir)
+    try:
+        _check_writable_location(out_dir)
+    except (OSError, ValueError) as err:  # e.g. ENAMETOOLONG from a mere stat, a NUL byte
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise BadInputError(f"{out_dir}: {reason}; choose another output path") from None
+
+
+def _check_writable_location(out_dir: Path) -> None:
+    _check_replaceable(out_dir)
+    existing, missing = out_dir.parent, [out_dir.name]
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        missing.append(existing.name)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInputError(
+            f"{out_dir}: {existing} is a file, not a folder; choose another output path"
+        )
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    staging_name = _staging_prefix(out_dir) + "x" * 8
+    for name in [*missing, staging_name]:
+        if len(os.fsencode(name)) > name_max:
+            raise BadInputError(
+                f"{out_dir}: the name {name[:40]!r}... is too long for the file system "
+                f"(at most {name_max - len(staging_name) + len(out_dir.name)} bytes for the "
+                "artifact folder); choose a shorter output path"
+            )
+    if len(os.fsencode(str(out_dir / staging_name))) >= path_max:
+        raise BadInputError(f"{out_dir}: the path is too long; choose a shorter output path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".detc-probe-", dir=existing))
+    except OSError as err:
+        raise BadInputError(
+            f"{out_dir}: cannot create the artifact in {existing} ({err.strerror or err}); "
+            "choose another output path"
+        ) from None
+
+
+def _check_graph_inputs(model: onnx.ModelProto) -> None:
+    """Refuse fixed input sizes no artifact can run: a zero-sized dimension (an empty input,
+    which verification would take for a dynamic one) and inputs over :data:`MAX_INPUT_BYTES`.
+    Symbolic dimensions are the target's import phase's to refuse (with the flag that fixes
+    them)."""
+    total = 0
+    inputs, _ = graph_io(model)
+    for spec in inputs:
+        shape = spec["shape"]
+        if not all(isinstance(d, int) for d in shape):
+            continue
+        if 0 in shape:
+            shown = "x".join(map(str, shape))
+            wanted = "x".join(str(d or 1) for d in shape)
+            raise BadInputError(
+                f"input '{spec['name']}' has a zero-sized dimension ({shown}): an artifact runs "
+                f"on non-empty inputs; give a size with --input-shape {spec['name']}:{wanted}"
+            )
+        total += tensor_bytes(shape, np.dtype(spec["dtype"]))
+    if total > MAX_INPUT_BYTES:
+        raise BadInputError(
+            f"the model's inputs take {total:,} bytes, over detc's {MAX_INPUT_BYTES:,}-byte limit; "
+            "give smaller sizes with --input-shape"
+        )
+
+
+def _manifest_build_date() -> str | None:
+    """``SOURCE_DATE_EPOCH`` as an ISO date (reproducible-builds.org); None without it."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch:
+        return None
+    if not epoch.isdigit():
+        raise BadInputError(f"SOURCE_DATE_EPOCH={epoch!r}: expected whole seconds since 1970")
+    moment = datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds")
+
+
 def build_artifact(
     model: onnx.ModelProto,
     target: str,
@@ -160,6 +291,7 @@ def build_artifact(
     report: Callable[[str], None] | None = None,
     tuning: TuningOptions | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target`` ("x86", "x86:<mcpu>", …) into the directory ``out_dir``.
 
@@ -172,6 +304,8 @@ def build_artifact(
     blocked layout with weights bound as constants.
     ``extra_files`` (name → content, names from :data:`EXTRA_FILES`) are written into the
     artifact with the rest, under the same all-or-nothing rename.
+    ``precision`` ("fp16", ...: one of the target's ``precisions``) asks for that arithmetic;
+    None computes as the model is.
     """
     clash = OWNED_FIELDS & set(manifest_fields)
     if clash:
@@ -180,8 +314,13 @@ def build_artifact(
     if unknown:
         raise ValueError(f"extra_files {sorted(unknown)}: the artifact layout has no such files")
     chosen = resolve_target(target)
-    out_dir = Path(out_dir).absolute()
-    _check_replaceable(out_dir)
+    out_dir = _absolute(out_dir)
+    check_output_location(out_dir)
+    _check_graph_inputs(model)
+    if precision is not None and precision not in chosen.precisions:
+        raise BadInputError(
+            f"target {chosen.name} offers precision {', '.join(chosen.precisions)}, not {precision}"
+        )
     chosen.check_toolchain()
     threads = num_threads if num_threads is not None else chosen.default_num_threads()
     if threads < 1:
@@ -202,9 +341,9 @@ def build_artifact(
             logger.warning("%s", message)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _remove_leftovers(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
     staging.chmod(0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
-    started = time.perf_counter()
     try:
         context = BuildContext(
             model=model,
@@ -214,6 +353,7 @@ def build_artifact(
             warn=notice,
             tuning=tuning,
             pipeline=chosen.pipeline_for(tuning),
+            precision=precision,
         )
         run_phases(chosen, context)
         inputs, outputs = graph_io(model)
@@ -238,19 +378,21 @@ def build_artifact(
             "outputs": outputs,
             "tuning": context.manifest["tuning"],
             "precision": context.manifest.get("precision"),
+            # no times: they differ on every build, and the artifact must not (progress reports
+            # them)
             "build": {
-                "seconds": round(time.perf_counter() - started, 3),
                 "num_threads": threads,
                 "phases": [
-                    {"name": name, "seconds": round(seconds, 3), "summary": summary}
-                    for name, seconds, summary in context.timings
+                    {"name": name, "summary": summary} for name, _, summary in context.timings
                 ],
             },
             "versions": _versions(),
             "library_sha256": sha256_of(staging / LIBRARY_FILE),
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **manifest_fields,
         }
+        built_at = _manifest_build_date()
+        if built_at is not None:
+            manifest["built_at"] = built_at
         for name, content in (extra_files or {}).items():
             (staging / name).write_bytes(content)
         write_text_atomically(staging / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
@@ -263,238 +405,22 @@ def build_artifact(
     return manifest
 
 
-# ---- reading ------------------------------------------------------------------------------
-
-
-def _tensor_specs(values: Any, what: str, path: Path) -> tuple[TensorSpec, ...]:
-    if not isinstance(values, list) or not all(
-        isinstance(v, dict) and {"name", "shape", "dtype"} <= set(v) for v in values
-    ):
-        raise BadInputError(f"{path} has a malformed '{what}' list; re-run detc compile")
-    return tuple(TensorSpec(str(v["name"]), tuple(v["shape"]), str(v["dtype"])) for v in values)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """manifest.json, parsed and checked: what every reader of an artifact relies on."""
-
-    path: Path  # the manifest.json it was read from (named in messages)
-    format: str
-    format_version: int
-    target: Mapping[str, Any]  # name, machine, tvm_target, host_cpu
-    library: str  # file name inside the artifact directory
-    library_sha256: str | None
-    params_file: str
-    params_count: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    calling_convention: str  # one of CALLING_CONVENTIONS
-    #: every other field as written (tuning, precision, build, versions, the caller's fields)
-    other: Mapping[str, Any]
-    document: Mapping[str, Any] = field(repr=False, compare=False)
-
-    @classmethod
-    def parse(cls, document: object, path: Path) -> Manifest:
-        """Check ``document`` (the JSON of ``path``); BadInputError saying what is wrong."""
-        if not isinstance(document, dict) or document.get("format") != FORMAT:
-            raise BadInputError(f"{path} is not a {FORMAT} manifest; re-run detc compile")
-        version = document.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BadInputError(
-                f"{path} has format_version {version!r}; this detc reads {FORMAT_VERSION}: "
-                "re-run detc compile"
-            )
-        for key in _REQUIRED_FIELDS:
-            if key not in document:
-                raise BadInputError(f"{path} lacks '{key}'; re-run detc compile")
-        target, params = document["target"], document["params"]
-        library, digest = document["library"], document.get("library_sha256")
-        if not isinstance(target, dict) or not isinstance(target.get("name", ""), str):
-            raise BadInputError(f"{path} has a malformed 'target'; re-run detc compile")
-        if not isinstance(library, str) or not (digest is None or isinstance(digest, str)):
-            raise BadInputError(f"{path} has a malformed 'library'; re-run detc compile")
-        if not (
-            isinstance(params, dict)
-            and isinstance(params.get("file", PARAMS_FILE), str)
-            and isinstance(params.get("count", 0), int)
-        ):
-            raise BadInputError(f"{path} has a malformed 'params'; re-run detc compile")
-        convention = document["calling_convention"]
-        if convention not in CALLING_CONVENTIONS:
-            raise BadInputError(
-                f"{path}: unknown calling_convention {convention!r}; re-run detc compile"
-            )
-        typed = {"format", "format_version", "library_sha256", *_REQUIRED_FIELDS}
-        return cls(
-            path=path,
-            format=FORMAT,
-            format_version=FORMAT_VERSION,
-            target=target,
-            library=library,
-            library_sha256=digest or None,
-            params_file=params.get("file", PARAMS_FILE),
-            params_count=params.get("count", 0),
-            inputs=_tensor_specs(document["inputs"], "inputs", path),
-            outputs=_tensor_specs(document["outputs"], "outputs", path),
-            calling_convention=convention,
-            other={k: v for k, v in document.items() if k not in typed},
-            document=document,
-        )
-
-    @property
-    def target_name(self) -> str:
-        return str(self.target.get("name", "?"))
-
-    @property
-    def tvm_target(self) -> Mapping[str, Any]:
-        found = self.target.get("tvm_target")
-        return found if isinstance(found, dict) else {}
-
-    @property
-    def takes_params(self) -> bool:
-        """Whether ``main`` takes params.npz after the inputs (else its weights are constants)."""
-        return self.calling_convention == "inputs+params"
-
-    @property
-    def input_names(self) -> list[str]:
-        return [spec.name for spec in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [spec.name for spec in self.outputs]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The manifest as written (a copy the caller may change)."""
-        return copy.deepcopy(dict(self.document))
-
-    def ordered_inputs(self, feeds: Mapping[str, np.ndarray], set_index: int) -> list[np.ndarray]:
-        """``feeds`` (one feed set, by input name) as main's inputs in order, contiguous;
-        BadInputError naming the feed set and input when one is missing, unknown or mistyped."""
-        names = self.input_names
-        unknown = sorted(set(feeds) - set(names))
-        if unknown:
-            raise BadInputError(
-                f"feed set {set_index}: unknown input '{unknown[0]}'; the artifact takes {names}"
-            )
-        ordered = []
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise BadInputError(
-                    f"feed set {set_index} lacks input '{spec.name}' (artifact takes {names})"
-                )
-            value = np.ascontiguousarray(feeds[spec.name])
-            expected_dtype = np.dtype(spec.dtype)
-            if value.dtype != expected_dtype:
-                raise BadInputError(
-                    f"feed set {set_index}: input '{spec.name}' is {value.dtype}, the artifact "
-                    f"takes {expected_dtype}"
-                )
-            shape = list(spec.shape)
-            if len(shape) != value.ndim or any(
-                isinstance(d, int) and d != actual
-                for d, actual in zip(shape, value.shape, strict=True)
-            ):
-                raise BadInputError(
-                    f"feed set {set_index}: input '{spec.name}' has shape {list(value.shape)}, "
-                    f"the artifact takes {shape}"
-                )
-            ordered.append(value)
-        return ordered
-
-
-def _inside(directory: Path, name: str, key: str, manifest_path: Path) -> Path:
-    """``directory / name``, refusing a name that is absolute or leads out of ``directory``."""
-    path = directory / name
-    if Path(name).is_absolute() or not path.resolve().is_relative_to(directory.resolve()):
-        raise BadInputError(
-            f"{manifest_path}: '{key}' is {name!r}, not a file inside {directory}; "
-            "re-run detc compile"
-        )
-    return path
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """An artifact directory whose manifest was read and checked: :meth:`open` it."""
-
-    directory: Path
-    manifest: Manifest
-
-    @classmethod
-    def open(cls, directory: Path | str) -> Artifact:
-        """The artifact in ``directory``: manifest.json readable, a JSON object of this format
-        and version with every field readers need, its file names inside the directory, the
-        library present. BadInputError saying what is wrong (and to re-run detc compile)."""
-        directory = Path(directory)
-        path = directory / MANIFEST_FILE
-        if not directory.is_dir():
-            raise BadInputError(
-                f"artifact directory {directory} does not exist; re-run detc compile"
-            )
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInputError(f"{path} is missing; re-run detc compile") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BadInputError(
-                f"{path} is unreadable or corrupt ({err}); re-run detc compile"
-            ) from err
-        manifest = Manifest.parse(document, path)
-        artifact = cls(directory, manifest)
-        _inside(directory, manifest.params_file, "params", path)
-        if not _inside(directory, manifest.library, "library", path).is_file():
-            raise BadInputError(f"{artifact.library_path} is missing; re-run detc compile")
-        return artifact
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.manifest.path
-
-    @property
-    def library_path(self) -> Path:
-        return self.directory / self.manifest.library
-
-    @property
-    def params_path(self) -> Path:
-        return self.directory / self.manifest.params_file
-
-    def target(self) -> Target:
-        """The target the artifact was built for (e.g. for :meth:`Target.device`)."""
-        return resolve_target(self.manifest.target_name)
-
-    def check_library_digest(self) -> None:
-        """BadInputError when model.so is not the library the manifest describes."""
-        expected = self.manifest.library_sha256
-        if expected and sha256_of(self.library_path) != expected:
-            raise BadInputError(
-                f"{self.library_path} does not match its manifest (corrupt or replaced); "
-                "re-run detc compile"
-            )
-
-    def load_params(self) -> list[np.ndarray]:
-        """main()'s parameters after the inputs, in order ([] when it takes none)."""
-        count = self.manifest.params_count
-        if not self.manifest.takes_params or count == 0:
-            return []
-        path = self.params_path
-        keys = [param_key(i) for i in range(count)]
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                absent = [key for key in keys if key not in archive.files]
-                if absent:
-                    raise BadInputError(
-                        f"{path} lacks {absent[0]} ({count} params expected); re-run detc compile"
-                    )
-                return [np.ascontiguousarray(archive[key]) for key in keys]
-        except FileNotFoundError:
-            raise BadInputError(f"{path} is missing; re-run detc compile") from None
-        except (OSError, KeyError, ValueError) as err:
-            raise BadInputError(
-                f"{path} is unreadable or corrupt ({err}); re-run detc compile"
-            ) from err
-
-
-def read_manifest(out_dir: Path) -> dict[str, Any]:
-    """The manifest of the artifact in ``out_dir``, checked (:meth:`Artifact.open`), as JSON;
-    BadInputError saying what is wrong."""
-    return Artifact.open(out_dir).manifest.as_dict()
+__all__ = [
+    "CALLING_CONVENTIONS",
+    "EXTRA_FILES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_INPUT_BYTES",
+    "OWNED_FIELDS",
+    "QUANTIZED_REFERENCE_FILE",
+    "REPORT_DIR",
+    "SOURCE_REFERENCE_FILE",
+    "Artifact",
+    "Manifest",
+    "build_artifact",
+    "check_output_location",
+    "contiguous",
+    "graph_io",
+    "read_manifest",
+    "sha256_of",
+]

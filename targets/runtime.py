@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from detc.compiler.errors import BadInputError
-from detc.targets.artifact import Artifact
+from detc.compiler.errors import BadInputError, DetcError
 from detc.targets.cpu import detect_host_cpu, host_machine, library_machine, missing_flags
+from detc.targets.manifest import Artifact, contiguous
 
 __all__ = [
     "CompiledModel",
@@ -60,6 +60,8 @@ def configure_threads(num_threads: int) -> int:
 
 #: bytes of alignment TVM requires of memory it shares with numpy (DLPack import)
 _TVM_ALIGNMENT = 64
+#: DLPack's device type of the host CPU (kDLCPU)
+_DL_CPU = 1
 
 
 class CompiledModel:
@@ -81,6 +83,9 @@ class CompiledModel:
         self.num_threads = num_threads
         #: where the VM runs (the artifact's target's device)
         self.device = device
+        # a GPU's tensors are copied in and out; the CPU's are shared with numpy (DLPack)
+        device_type = getattr(device, "dlpack_device_type", lambda: _DL_CPU)
+        self._on_host = int(device_type()) == _DL_CPU
         self._inputs: list[dict[str, Any]] = list(manifest["inputs"])
         self._outputs: list[dict[str, Any]] = list(manifest["outputs"])
         #: per input name: the buffer unaligned inputs are copied into (runs are sequential)
@@ -125,7 +130,7 @@ class CompiledModel:
                     f"input '{spec['name']}' has shape {list(array.shape)}, the model expects "
                     f"{shape}"
                 )
-            arguments.append(self._device_input(spec["name"], np.ascontiguousarray(array)))
+            arguments.append(self._device_input(spec["name"], contiguous(array)))
         if self.manifest["calling_convention"] == "inputs+params":
             arguments.extend(self._params)
         return arguments
@@ -136,7 +141,7 @@ class CompiledModel:
         (a 640x640 image costs ~1 ms to allocate and copy each run; ~4 % of yolov5n)."""
         import tvm
 
-        if array.ctypes.data % _TVM_ALIGNMENT == 0:
+        if self._on_host and array.ctypes.data % _TVM_ALIGNMENT == 0:
             return tvm.runtime.from_dlpack(array)
         staging = self._staging.get(name)
         if staging is None or tuple(staging.shape) != array.shape:
@@ -159,6 +164,8 @@ class CompiledModel:
         # Views of the VM's result tensors, not copies: each run returns fresh tensors, which
         # the arrays keep alive. An output that *is* an input (an identity or reshape of it)
         # is copied: the input's memory is the caller's array or a buffer the next run reuses.
+        if not self._on_host:
+            return {s["name"]: v.numpy() for s, v in zip(self._outputs, values, strict=True)}
         inputs = {np.from_dlpack(a).ctypes.data for a in arguments[: len(self._inputs)]}
         outputs = {}
         for spec, value in zip(self._outputs, values, strict=True):
@@ -217,10 +224,11 @@ def load_artifact(out_dir: Path, *, num_threads: int | None = None) -> CompiledM
 
     ``num_threads``: TVM worker threads (default: ``TVM_NUM_THREADS`` if set, else the physical
     cores of this machine). BadInputError, naming the file, when the artifact is missing,
-    corrupt, or built for another ISA or for CPU features this machine lacks.
+    corrupt, or built for another ISA or for CPU features this machine lacks. The library is
+    loaded only once its sha256 matches the manifest's (from a private copy: the file loaded is
+    the file checked).
     """
     artifact = Artifact.open(Path(out_dir))
-    artifact.check_library_digest()
     _check_runs_here(artifact)
     if num_threads is None:
         num_threads = (
@@ -239,8 +247,12 @@ def load_artifact(out_dir: Path, *, num_threads: int | None = None) -> CompiledM
     params = [tvm.runtime.tensor(array, device) for array in artifact.load_params()]
     library = artifact.library_path
     try:
-        executable = tvm.runtime.load_module(str(library))
+        # the checked private copy: its constructors run now, and it stays mapped once removed
+        with artifact.library_copy() as checked:
+            executable = tvm.runtime.load_module(str(checked))
         vm = relax.VirtualMachine(executable, device)
+    except DetcError:
+        raise
     except Exception as err:
         first = str(err).strip().splitlines()[-1:] or [type(err).__name__]
         raise BadInputError(

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 
 import click
@@ -29,6 +32,20 @@ from detc.compiler.cli.terminal import make_terminal_safe
 from detc.compiler.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, DetcError, escape_control
 
 EXIT_INTERNAL = 4
+
+#: the libraries detc runs, by top-level module: named when an error comes from inside one
+_COMPONENTS = {
+    "tvm": "TVM",
+    "tvm_ffi": "TVM",
+    "onnxruntime": "onnxruntime",
+    "onnx": "onnx",
+    "onnx_ir": "onnx-ir",
+    "onnxscript": "onnxscript",
+    "torch": "PyTorch",
+    "google": "protobuf",
+    "numpy": "numpy",
+    "PIL": "Pillow",
+}
 
 EPILOG = (
     "Exit codes: 0 ok, 1 check failed, 2 bad input/usage/unsupported model, "
@@ -65,6 +82,32 @@ def cli(ctx: click.Context, debug: bool) -> None:
     detc_logger.handlers[:] = [handler]
     detc_logger.setLevel(logging.DEBUG if debug else logging.INFO)
     detc_logger.propagate = False
+    # The libraries' own log records (onnx-ir logs a traceback when its shape inference fails on
+    # a model) and Python warnings: their errors as one line each, the rest only with --debug.
+    # detc's own messages say what the user must know; a refused model gets one line.
+    if not debug:
+        root = logging.getLogger()
+        others = [h for h in root.handlers if not isinstance(h, _LibraryErrors)]
+        handler = _LibraryErrors(sys.stderr)
+        handler.setLevel(logging.ERROR)
+        root.handlers[:] = [*others, handler]
+        logging.captureWarnings(True)
+
+
+class _LibraryErrors(logging.StreamHandler):
+    """Log records of the libraries detc runs as ``detc: error (<library>): <first line>``:
+    one line each, without traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().strip()
+        top = record.name.split(".")[0]
+        if record.name == "py.warnings":  # "<file>:<line>: <Category>: <text>"
+            found = re.search(r"(?:site|dist)-packages/(\w+)/", message)
+            top = found.group(1) if found else "python"
+            message = message.split(": ", 1)[-1]
+        lines = message.splitlines() or [""]
+        level = record.levelname.lower()
+        return escape_control(f"detc: {level} ({_COMPONENTS.get(top, top)}): {lines[0][:300]}")
 
 
 def _register(group: click.Group) -> None:
@@ -82,6 +125,10 @@ _register(cli)
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: map detc's errors to one line on stderr and a documented exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "detc":
+        # detc/__init__'s handler while the command started (exit 130 at once): from now on
+        # Ctrl-C raises KeyboardInterrupt, so that a build removes what it staged
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdout = make_terminal_safe(sys.stdout)
     sys.stderr = make_terminal_safe(sys.stderr)
     try:
@@ -90,7 +137,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         echo_err("detc: interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
-        exc.show()
+        # one line, as every other error (click's own form spends three on usage)
+        message = escape_control(exc.format_message())
+        if isinstance(exc, click.UsageError):
+            command = exc.ctx.command_path if exc.ctx is not None else "detc"
+            message += f" (see {command} --help)"
+        echo_err(f"detc: error: {message}")
         sys.exit(EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
     except DetcError as exc:
         if debug or os.environ.get("DETC_DEBUG"):
@@ -104,14 +156,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:
         if debug or os.environ.get("DETC_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        first = escape_control(first)
+        component = failing_component(exc)
+        where = "" if component == "detc" else f" in {component}"
         echo_err(
-            f"detc: internal error: {type(exc).__name__}: {first} "
+            f"detc: internal error{where}: {type(exc).__name__}: {escape_control(_summary(exc))} "
             "(a bug in detc: rerun with --debug and report the traceback)"
         )
         sys.exit(EXIT_INTERNAL)
     sys.exit(0)
+
+
+def failing_component(exc: BaseException) -> str:
+    """The library an unexpected exception came from ("TVM", "onnxruntime", ...), else "detc":
+    the module of its class, else of the innermost frame that is not detc's or Python's."""
+    modules = [type(exc).__module__]
+    modules += [
+        frame.f_globals.get("__name__", "")
+        for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__)))
+    ]
+    for module in modules:
+        component = _COMPONENTS.get(module.split(".")[0])
+        if component is not None:
+            return component
+    return "detc"
+
+
+def _summary(exc: BaseException) -> str:
+    """One line of ``exc``'s message: the first, or after a traceback banner (TVM puts its C++
+    stack first) the last line that is not a frame."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        lines = [line for line in lines if not line.startswith(("File ", "Traceback", "^"))][-1:]
+    return lines[0][:300] if lines else ""
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ or tuning records out."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +29,33 @@ from detc.compiler.cli.options import (
     tuning_options,
     verify_each_option,
 )
+from detc.compiler.errors import BadInputError
+
+
+def check_output_file(output: Path) -> None:
+    """BadInputError unless the model file ``output`` can be written, checked before any work:
+    not a folder, no file where a parent folder should be, a name the file system takes (with the
+    atomic writer's temporary suffix), a folder this process may write in."""
+    target = Path(os.path.abspath(output))
+    try:
+        if target.is_dir():
+            raise BadInputError(f"{output} is a folder; give a file name for -o")
+        existing = target.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise BadInputError(f"{output}: {existing} is a file, not a folder; choose another -o")
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        # the atomic writer's temporary file: ".<name>.<8 random>.tmp"
+        if len(os.fsencode(target.name)) + 14 > name_max:
+            raise BadInputError(f"{output}: the file name is too long; choose a shorter -o")
+        descriptor, probe = tempfile.mkstemp(prefix=".detc-probe-", dir=existing)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as err:
+        raise BadInputError(
+            f"{output}: cannot write there ({err.strerror or err}); choose another -o"
+        ) from None
 
 
 @click.command("import")
@@ -42,6 +71,7 @@ def import_cmd(model: Path, output: Path, input_shapes: Sequence[str]) -> None:
     from detc.compiler.frontend import load_model, parse_input_shapes
     from detc.compiler.ir.stats import graph_stats
 
+    check_output_file(output)
     loaded = load_model(model, input_shapes=parse_input_shapes(input_shapes))
     save_model(loaded.model, output)
     click.echo(f"{output}: {graph_stats(loaded.model)}")
@@ -75,6 +105,7 @@ def opt_cmd(
     from detc.compiler.driver import optimize
     from detc.compiler.frontend import parse_input_shapes
 
+    check_output_file(output)
     loaded, run = optimize(
         model,
         load_pipeline(pipeline, config, calib),

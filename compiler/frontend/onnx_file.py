@@ -16,10 +16,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from detc.compiler.errors import BadInputError, UnsupportedModelError
 from detc.compiler.frontend.legalize import (
@@ -33,6 +35,8 @@ from detc.compiler.frontend.legalize import (
 MIN_OPSET, MAX_OPSET, TARGET_OPSET = 11, 21, 17
 #: refuse bigger files unless DETC_MAX_MODEL_BYTES says otherwise (protobuf's own limit is 2 GiB)
 DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3
+#: the largest size ``--input-shape`` accepts for one dimension (an image side is thousands)
+MAX_DIMENSION = 2**31 - 1
 
 PICKLE_HINT = (
     "detc never unpickles PyTorch files (a pickle can run arbitrary code): export the model "
@@ -59,7 +63,12 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
             raise BadInputError(
                 f"--input-shape {spec!r}: expected NAME:DxDx..., e.g. images:1x3x640x640"
             )
-        shapes[name] = tuple(int(d) for d in dims.split("x"))
+        sizes = tuple(int(d) for d in dims.split("x"))
+        if not all(1 <= size <= MAX_DIMENSION for size in sizes):
+            raise BadInputError(
+                f"--input-shape {spec!r}: every size must be between 1 and {MAX_DIMENSION:,}"
+            )
+        shapes[name] = sizes
     return shapes
 
 
@@ -90,16 +99,97 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
-        where = f"{path}: initializer '{tensor.name}' has external data '{location}'"
+        where = f"{path}: initializer '{tensor.name}' has external data {location!r}"
+        if "\x00" in location:
+            raise BadInputError(f"{where}: a path with a NUL byte is refused")
         if not location or os.path.isabs(location) or Path(location).drive:
             raise BadInputError(f"{where}: absolute or empty paths are refused")
         if ".." in Path(location).parts:
             raise BadInputError(f"{where}: paths leaving the model's folder are refused")
-        resolved = (base / location).resolve()
-        if not resolved.is_relative_to(base):
-            raise BadInputError(f"{where}: it resolves outside the model's folder (a symlink?)")
-        if not resolved.is_file():
-            raise BadInputError(f"{where}: file not found beside the model")
+        try:
+            resolved = (base / location).resolve()
+            if not resolved.is_relative_to(base):
+                raise BadInputError(f"{where}: it resolves outside the model's folder (a symlink?)")
+            if not resolved.is_file():
+                raise BadInputError(f"{where}: file not found beside the model")
+            links = resolved.stat().st_nlink
+        except OSError as err:
+            raise BadInputError(f"{where}: it cannot be read ({err.strerror or err})") from None
+        if links > 1:
+            # a hard link may share its content with a file anywhere on the file system
+            raise BadInputError(
+                f"{where}: the file is a hard link ({links} names); refused as onnx does: "
+                "store a copy of the data beside the model"
+            )
+
+
+def _field_values(descriptor: FieldDescriptor, value: Any) -> list[tuple[str, Any]]:
+    repeated = getattr(descriptor, "is_repeated", None)
+    if repeated is None:  # protobuf before 6
+        repeated = descriptor.label == FieldDescriptor.LABEL_REPEATED
+    if repeated:
+        return [(f"{descriptor.name}[{i}]", item) for i, item in enumerate(value)]
+    return [(descriptor.name, value)]
+
+
+def _check_text(message: Message, path: Path, where: str = "model") -> None:
+    """Refuse a model whose text (names, op types, domains, docs) is not UTF-8: protobuf hands
+    such strings over as bytes, and everything after the front end expects text."""
+    for descriptor, value in message.ListFields():
+        if descriptor.type == FieldDescriptor.TYPE_STRING:
+            for label, text in _field_values(descriptor, value):
+                if isinstance(text, bytes):
+                    raise BadInputError(
+                        f"{path}: {where}.{label} is not UTF-8 text ({text[:40]!r}); ONNX "
+                        "requires UTF-8 names: re-export the model"
+                    )
+        elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+            for label, item in _field_values(descriptor, value):
+                _check_text(item, path, f"{where}.{label}")
+
+
+#: element types packed two to a byte
+_PACKED_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1")
+    if hasattr(onnx.TensorProto, name)
+)
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a tensor whose data does not fill the shape and type it declares (a corrupt or
+    hand-edited file): the ONNX checker lets it through, and whatever reads it later fails with
+    an internal error."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        where = f"{path}: tensor '{tensor.name}'"
+        if any(dim < 0 for dim in tensor.dims):
+            raise BadInputError(f"{where} has a negative dimension {list(tensor.dims)}")
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        except (KeyError, ValueError, TypeError):
+            raise BadInputError(f"{where} has an unknown element type {tensor.data_type}") from None
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        if tensor.HasField("raw_data"):
+            if tensor.data_type in _PACKED_TYPES:
+                expected = (count + 1) // 2
+            else:
+                expected = count * dtype.itemsize
+            held = len(tensor.raw_data)
+        elif tensor.data_type == onnx.TensorProto.STRING:
+            expected, held = count, len(tensor.string_data)
+        else:
+            try:
+                held = onnx.numpy_helper.to_array(tensor).size
+                expected = count
+            except (ValueError, TypeError):
+                held, expected = -1, count
+        if held != expected:
+            raise BadInputError(
+                f"{where} declares {list(tensor.dims)} {dtype.name} but its data does not fit "
+                "(a corrupt or edited file); re-export the model"
+            )
 
 
 def _convert_opset(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
@@ -169,7 +259,15 @@ def normalize(
 ) -> onnx.ModelProto:
     """Opset into range, export idioms legalized, input shapes fixed, shapes inferred."""
     model = _convert_opset(model, path)
-    graph = ir.serde.deserialize_model(model)
+    try:
+        graph = ir.serde.deserialize_model(model)
+    except ir.serde.SerdeError as err:  # e.g. an element type no ONNX version defines
+        cause: BaseException = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise BadInputError(
+            f"{path}: the model is malformed ({str(cause).splitlines()[0][:200]}); re-export it"
+        ) from None
     if needs_optional_resize_inputs(graph):
         with contextlib.suppress(Exception):  # unconverted, TVM's importer names the Resize
             graph = ir.serde.deserialize_model(onnx.version_converter.convert_version(model, 13))
@@ -221,11 +319,14 @@ def load_onnx_proto(
         raise BadInputError(
             f"{file}: parsed as protobuf but holds no ONNX graph (not an ONNX file?)"
         )
+    _check_text(model, file)
     _check_external_data(model, file)
     try:
         onnx.load_external_data_for_model(model, str(file.parent))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{file}: external data could not be read ({exc})") from None
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"{file}: external data could not be read ({first})") from None
+    _check_tensor_sizes(model, file)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:

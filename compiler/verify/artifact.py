@@ -3,8 +3,10 @@
 The policy in one place: a float artifact is held to its float reference in onnxruntime (tensor
 tolerances; with a dataset, the mAP drop within ``max_map_drop`` when given); an int8 artifact to
 the quantized model saved in it (the int8 criterion of :mod:`detc.compiler.verify.tensors`) and,
-with a dataset, to the float model's mAP within its budget. The reference defaults to the model the
-artifact was compiled from. Every failed check is collected, so one run names all of them.
+with a dataset, to the float model's mAP within its budget. The reference defaults to the float
+model the artifact keeps (``reference.onnx``, checked against its manifest); nothing outside the
+artifact is opened unless the caller names it. Every failed check is collected, so one run names
+them all.
 """
 
 from __future__ import annotations
@@ -32,24 +34,24 @@ if TYPE_CHECKING:
 
 def source_model(manifest: Mapping[str, Any], artifact_dir: str | os.PathLike[str]) -> Path | None:
     """The float model the artifact was compiled from, as ONNX: the copy the artifact keeps
-    when the source was a torch module or ``.pt2``, else the source file if it is still where
-    the compile read it."""
-    source = manifest.get("source") or {}
-    kept = Path(artifact_dir) / source["onnx"] if source.get("onnx") else None
-    if kept is not None and kept.is_file():
-        return kept
-    path = source.get("path")
-    return Path(path) if path and Path(path).is_file() else None
+    (``reference.onnx``), checked against the sha256 in its manifest; None for an artifact that
+    keeps none. ``source.path`` in the manifest is provenance only: a path outside the artifact
+    is never opened (it may be another machine's, or name a file that is no longer the one
+    compiled)."""
+    from detc.targets import Artifact
+
+    del manifest  # read again, and checked, with the artifact
+    return Artifact.open(Path(artifact_dir)).reference_model()
 
 
 def default_reference(manifest: Mapping[str, Any], artifact_dir: str | os.PathLike[str]) -> Path:
-    """:func:`source_model`, or BadInputError asking for ``--reference`` when it is gone."""
+    """:func:`source_model`, or BadInputError asking for ``--reference`` when there is none."""
     found = source_model(manifest, artifact_dir)
     if found is not None:
         return found
-    source = (manifest.get("source") or {}).get("path")
     raise BadInputError(
-        f"{artifact_dir}: give --reference MODEL.onnx (the source model is not at {source})"
+        f"{artifact_dir}: the artifact keeps no reference model (compiled by an older detc); "
+        "give --reference MODEL.onnx, or re-run detc compile"
     )
 
 

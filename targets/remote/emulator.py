@@ -36,7 +36,7 @@ import numpy as np
 
 from detc.compiler.errors import BadInputError, DetcError, ToolchainMissingError
 from detc.compiler.fileio import cache_dir, replace_directory
-from detc.targets.artifact import Artifact
+from detc.targets.manifest import Artifact
 from detc.targets.remote.toolchain import (
     EM_AARCH64,
     CrossCompiler,
@@ -481,20 +481,21 @@ def run_emulated_batch(
     params = artifact.load_params()
     output_names = manifest.output_names
     env = ensure_emulation_env()
-    model_path = artifact.library_path.resolve()
 
     results: list[dict[str, np.ndarray]] = []
     chunk: list[list[np.ndarray]] = []
     chunk_bytes = 0
-    for inputs in ordered_sets:
-        size = sum(value.nbytes for value in inputs)
-        if chunk and chunk_bytes + size > _MAX_INPUT_BYTES_PER_RUN:
+    # the runner loads a private copy whose sha256 matched the manifest's
+    with artifact.library_copy() as model_path:
+        for inputs in ordered_sets:
+            size = sum(value.nbytes for value in inputs)
+            if chunk and chunk_bytes + size > _MAX_INPUT_BYTES_PER_RUN:
+                results += _run_chunk(env, model_path, params, chunk, output_names, timeout_s)
+                chunk, chunk_bytes = [], 0
+            chunk.append(inputs)
+            chunk_bytes += size
+        if chunk:
             results += _run_chunk(env, model_path, params, chunk, output_names, timeout_s)
-            chunk, chunk_bytes = [], 0
-        chunk.append(inputs)
-        chunk_bytes += size
-    if chunk:
-        results += _run_chunk(env, model_path, params, chunk, output_names, timeout_s)
     return results
 
 

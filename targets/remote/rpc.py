@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from detc.compiler.errors import BadInputError
-from detc.targets.artifact import Artifact
 from detc.targets.context import LIBRARY_FILE
 from detc.targets.cpu import library_machine
+from detc.targets.manifest import Artifact
 from detc.targets.remote.session import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_WAIT_S,
@@ -119,6 +119,8 @@ class _RemoteModel:
         failure = None
         try:
             return work()
+        except BadInputError:  # the artifact's fault, not the board's (e.g. a replaced library)
+            raise
         except Exception as err:
             failure = (describe or self._failure)(stage, err)
         raise RpcDeviceError(failure)
@@ -148,7 +150,9 @@ class _RemoteModel:
         from tvm import relax
 
         remote = self._remote()
-        remote.upload(str(self.runner.library), _REMOTE_LIBRARY)
+        # a private copy whose sha256 matched the manifest's: the file uploaded is the file checked
+        with self.runner.artifact.library_copy() as checked:
+            remote.upload(str(checked), _REMOTE_LIBRARY)
         self.vm = relax.VirtualMachine(remote.load_module(_REMOTE_LIBRARY), self._device())
 
     def _send_params(self) -> int:

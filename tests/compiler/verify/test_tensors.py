@@ -82,9 +82,11 @@ def test_cli_verify_passes_and_reports_each_output(compiled: tuple[Path, Path]) 
 
 def test_verify_artifact_is_detc_verify_from_python(compiled: tuple[Path, Path]) -> None:
     model_path, artifact = compiled
-    report = detc.verify_artifact(artifact, runs=2)  # the reference: the model compiled from
+    # the reference: the model compiled from, as the artifact keeps it (never the source path)
+    report = detc.verify_artifact(artifact, runs=2)
     assert report.ok and report.exit_status == 0 and report.failures == []
-    assert report.reference is not None and report.reference.name == model_path.name
+    assert report.reference == artifact / "reference.onnx"
+    assert report.reference.read_bytes() == model_path.read_bytes()
     assert report.detection is None and report.detection_lines() == []
     lines = report.lines()
     assert lines[0] == f"reference {report.reference}, inputs: {report.tensors.inputs}"

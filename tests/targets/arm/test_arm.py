@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -297,6 +298,7 @@ def _write_inputs_only_manifest(artifact: Path, images: list[int], out: list[int
         "format_version": 1,
         "target": {"name": "arm", "machine": "aarch64"},
         "library": "model.so",
+        "library_sha256": hashlib.sha256((artifact / "model.so").read_bytes()).hexdigest(),
         "inputs": [{"name": "images", "shape": images, "dtype": "float32"}],
         "outputs": [{"name": "out", "shape": out, "dtype": "float32"}],
         "params": {"file": "params.npz", "count": 0},
