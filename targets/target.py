@@ -323,11 +323,7 @@ def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None =
     except _PhaseFailed as failed:
         if fallback is None:
             raise _phase_error(target, failed.phase, failed.error) from failed.error
-        ctx.warn(
-            f"{target.name}: the {ctx.pipeline} pipeline failed on this model ({failed.phase}: "
-            f"{_first_line(failed.error)}); built with the {fallback} pipeline and TVM's default "
-            "schedules instead (correct, but slower)"
-        )
+        first = ctx.pipeline
         ctx.reset_for_rebuild()
         ctx.model = onnx.load_from_string(pristine)
         ctx.pipeline, ctx.tuning = fallback, None
@@ -335,6 +331,12 @@ def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None =
             _run_pipeline(target, ctx, only, quiet_failures=False)
         except _PhaseFailed as again:
             raise _phase_error(target, again.phase, again.error) from again.error
+        # said once the rebuild worked: a refusal stays one line
+        ctx.warn(
+            f"{target.name}: the {first} pipeline failed on this model ({failed.phase}: "
+            f"{_first_line(failed.error)}); built with the {fallback} pipeline and TVM's default "
+            "schedules instead (correct, but slower)"
+        )
 
 
 def _run_pipeline(

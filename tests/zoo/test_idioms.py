@@ -169,6 +169,7 @@ def test_unsupported_operators_exit_2_with_one_sorted_line_naming_every_node(tmp
             "detc.compiler.cli",
             "compile",
             str(path),
+            "--quiet",  # no progress lines: stderr holds the error alone
             "-o",
             str(tmp_path / "a"),
         ],
