@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import click
 
-from detc.compiler.cli.build import compile_cmd, import_cmd, opt_cmd, tune_cmd
+from detc.compiler.cli.build import compile_cmd, import_cmd, opt_cmd, package_cmd, tune_cmd
 from detc.compiler.cli.check import bench_cmd, verify_cmd
 from detc.compiler.cli.demo import data_group, demo_group
 from detc.compiler.cli.info import doctor_cmd, explain_cmd, passes_cmd, targets_cmd
@@ -59,8 +59,25 @@ class _Group(click.Group):
         formatter.write_text(EPILOG)
 
 
+def _print_cmake_dir(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from detc.targets.bundle import cmake_dir
+
+    click.echo(str(cmake_dir()))
+    ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="detc", prog_name="detc")
+@click.option(
+    "--cmake-dir",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_cmake_dir,
+    help="Print the folder of detc's CMake package (detc_add_model) and exit.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -112,7 +129,7 @@ class _LibraryErrors(logging.StreamHandler):
 
 def _register(group: click.Group) -> None:
     """Add every verb to ``group`` (``--help`` lists them alphabetically)."""
-    verbs = [import_cmd, opt_cmd, compile_cmd, tune_cmd, verify_cmd, bench_cmd]
+    verbs = [import_cmd, opt_cmd, compile_cmd, tune_cmd, package_cmd, verify_cmd, bench_cmd]
     verbs += [passes_cmd, explain_cmd, targets_cmd, doctor_cmd]
     verbs += [quant_report, sweep_cmd, data_group, demo_group]
     for verb in verbs:

@@ -140,6 +140,20 @@ def opt_cmd(
 )
 @quiet_option
 @click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default=None,
+    help="Arithmetic of the compiled model where the target offers a choice (cuda: fp16 computes "
+    "in float16 with float32 accumulation). Default: as the model is.",
+)
+@click.option(
+    "--depfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a Make/Ninja depfile: OUTPUT/manifest.json depends on the model, its "
+    "external data, calibration images, spec and config files.",
+)
+@click.option(
     "--tune",
     is_flag=True,
     help="Search schedules for the kernels the tuning database lacks (budgets below).",
@@ -158,6 +172,8 @@ def compile_cmd(
     threads: int | None,
     spec: Path | None,
     quiet: bool,
+    precision: str | None,
+    depfile: Path | None,
     tune: bool,
     trials: int | None,
     trials_per_task: int | None,
@@ -184,9 +200,10 @@ def compile_cmd(
 
     model_spec = None
     if spec is not None:
-        from detc.compiler.detection.spec import load_spec
+        from detc.compiler.detection.spec import load_spec, spec_for_model
 
-        model_spec = load_spec(spec)
+        # fields the spec file leaves out come from the model (its input size, class names)
+        model_spec = spec_for_model(model, spec) if model.suffix == ".onnx" else load_spec(spec)
     tuning = tuning_from_flags(
         tune,
         trials,
@@ -199,11 +216,17 @@ def compile_cmd(
     )
     if not quiet:
         echo_err(f"detc: compiling {model} for {target}")
+    pipeline_text = load_pipeline(pipeline, config, calib)
+    target_options: dict[str, object] = {}
+    if tuning is not None:
+        target_options["tuning"] = tuning
+    if precision is not None:
+        target_options["precision"] = precision
     result = compile_model(
         model,
         target=target,
         out_dir=output,
-        pipeline=load_pipeline(pipeline, config, calib),
+        pipeline=pipeline_text,
         input_shapes=parse_input_shapes(input_shapes),
         dump_ir=dump_ir,
         verify_each=verify_each,
@@ -211,8 +234,13 @@ def compile_cmd(
         num_threads=threads,
         on_pass=pass_printer(quiet),
         progress=not quiet,
-        target_options=None if tuning is None else {"tuning": tuning},
+        target_options=target_options or None,
     )
+    if depfile is not None:
+        from detc.compiler.depfile import compile_dependencies, write_depfile
+
+        dependencies = compile_dependencies(model, pipeline=pipeline_text, spec=spec, config=config)
+        write_depfile(depfile, output / "manifest.json", dependencies)
     manifest = result.manifest
     tuning = manifest.get("tuning", {})
     state = "tuned" if tuning.get("tuned") else "UNTUNED (expect it to be far slower than tuned)"
@@ -323,3 +351,22 @@ def tune_cmd(
         f"{tuning['tasks']} kernels in {result.database.directory}, "
         f"{tuning['trials']} trials this run ({tuning['stopped_by']})"
     )
+
+
+@click.command("package")
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
+@quiet_option
+def package_cmd(artifact: Path, output: Path, quiet: bool) -> None:
+    """Package ARTIFACT as a bundle folder -o: everything the device needs, nothing else.
+
+    \b
+    The model, its parameters as raw buffers, the TVM runtime for the artifact's
+    architecture (x86_64, aarch64), bin/detc-run, the C API (include/detc_runtime.h,
+    lib/libdetc_runtime.so), a C++ example and a README; SHA256SUMS is checked at open.
+    """
+    from detc.targets.bundle import package_artifact
+
+    bundle = package_artifact(artifact, output, report=None if quiet else echo_err)
+    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    click.echo(f"wrote {bundle} ({size / 1e6:.1f} MB): copy it to the device; bin/detc-run runs it")

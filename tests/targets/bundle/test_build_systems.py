@@ -18,14 +18,12 @@ from detc.targets.bundle import Bundle, cmake_dir
 
 from .conftest import tiny_detector
 
-SHIM = Path(__file__).with_name("detc_shim.py")
-DETC = [sys.executable, str(SHIM)]
+DETC = [sys.executable, "-m", "detc.compiler.cli"]
 
 
 def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(SHIM.parent)}
     return subprocess.run(
-        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=600
     )
 
 
@@ -162,4 +160,4 @@ def test_detc_add_model_compiles_verifies_and_packages(tmp_path: Path) -> None:
     rebuilt = _run("ninja", "-C", binary, "-v", cwd=tmp_path)
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     for verb in ("compile", "verify", "package"):
-        assert f"detc_shim.py {verb}" in rebuilt.stdout
+        assert f"detc.compiler.cli {verb}" in rebuilt.stdout
