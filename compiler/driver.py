@@ -188,6 +188,29 @@ def _quantization_record(
     return record, {QUANTIZED_REFERENCE_FILE: payload}
 
 
+def _approximate_record(
+    run: PipelineRun, proto: Any
+) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
+    """What ``detc verify`` needs of a float graph that approximate passes changed (prune,
+    lowrank): which passes, and the graph they left, kept in the artifact as the reference its
+    tensors must match; accuracy is held to the source model under an mAP budget."""
+    from detc.targets.artifact import TRANSFORMED_REFERENCE_FILE
+
+    # pass names (a step's options, calibration folders included, are in the manifest's pipeline)
+    changed = [r.step.partition("{")[0] for r in run.records if not r.exact and r.modified]
+    if not changed:
+        return None, {}
+    payload = proto.SerializeToString()
+    record = {
+        "passes": changed,
+        "reference": {
+            "file": TRANSFORMED_REFERENCE_FILE,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        },
+    }
+    return record, {TRANSFORMED_REFERENCE_FILE: payload}
+
+
 def compile_model(
     source: str | os.PathLike[str] | LoadedModel,
     *,
@@ -245,6 +268,11 @@ def compile_model(
     }
     if quantization is not None:
         fields["quantization"] = quantization
+    else:
+        approximate, transformed_files = _approximate_record(run, proto)
+        if approximate is not None:
+            fields["approximate"] = approximate
+            extra_files.update(transformed_files)
     try:
         manifest = build_artifact(
             proto,

@@ -86,7 +86,11 @@ SOURCE_REFERENCE_FILE = "reference.onnx"
 #: what ``detc verify --data`` writes into the artifact by default
 REPORT_DIR = "report"
 #: files ``build_artifact(extra_files=...)`` may add beside the library
-EXTRA_FILES = frozenset({QUANTIZED_REFERENCE_FILE, SOURCE_REFERENCE_FILE})
+#: the float graph a pruned or factorized build compiled (its tensors are the artifact's to match)
+TRANSFORMED_REFERENCE_FILE = "reference_transformed.onnx"
+EXTRA_FILES = frozenset(
+    {QUANTIZED_REFERENCE_FILE, SOURCE_REFERENCE_FILE, TRANSFORMED_REFERENCE_FILE}
+)
 _ARTIFACT_FILES = frozenset({MANIFEST_FILE, LIBRARY_FILE, PARAMS_FILE, REPORT_DIR}) | EXTRA_FILES
 
 
@@ -415,6 +419,7 @@ __all__ = [
     "QUANTIZED_REFERENCE_FILE",
     "REPORT_DIR",
     "SOURCE_REFERENCE_FILE",
+    "TRANSFORMED_REFERENCE_FILE",
     "Artifact",
     "Manifest",
     "build_artifact",

@@ -132,9 +132,10 @@ def _digest(value: object, path: Path, what: str) -> str:
 
 def _named_files(document: Mapping[str, Any], path: Path) -> dict[str, tuple[str, str]]:
     """Every file besides the library and params that the manifest names, as
-    {what: (file name, sha256)}: the float reference model and the quantized reference."""
+    {what: (file name, sha256)}: the float reference model, the quantized reference, and the
+    transformed graph of a pruned or factorized build."""
     named: dict[str, tuple[str, str]] = {}
-    for key in ("source", "quantization", "model_spec", "metadata"):
+    for key in ("source", "quantization", "approximate", "model_spec", "metadata"):
         if not isinstance(document.get(key, {}), (dict, type(None))):
             raise _malformed(path, f"'{key}'")
     source = document.get("source") or {}
@@ -151,6 +152,15 @@ def _named_files(document: Mapping[str, Any], path: Path) -> dict[str, tuple[str
         named["quantization.reference"] = (
             reference["file"],
             _digest(reference.get("sha256"), path, "quantization.reference"),
+        )
+    approximate = document.get("approximate") or {}
+    if approximate:
+        reference = approximate.get("reference")
+        if not isinstance(reference, dict) or not isinstance(reference.get("file"), str):
+            raise _malformed(path, "'approximate.reference'")
+        named["approximate.reference"] = (
+            reference["file"],
+            _digest(reference.get("sha256"), path, "approximate.reference"),
         )
     return named
 
