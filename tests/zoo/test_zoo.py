@@ -154,3 +154,46 @@ def test_zoo_fast(zoo: ZooCache, tmp_path: Path, name: str, variant: Variant, ta
 @pytest.mark.parametrize(("name", "variant", "target"), MATRIX)
 def test_zoo_matrix(zoo: ZooCache, tmp_path: Path, name: str, variant: Variant, target: str):
     _run(zoo, tmp_path, name, variant, target)
+
+
+@pytest.fixture(scope="module")
+def calibration_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    return folder
+
+
+#: the approximate passes on representative families (the zoo's YOLOX is the issue's case:
+#: a YOLOX-style model at opset 11)
+APPROXIMATE = [
+    pytest.param("yolox", "quantize", id="yolox-op11-quantize"),
+    pytest.param("yolox", "prune{mac_reduction=0.2}", id="yolox-op11-prune"),
+    pytest.param("retinanet", "lowrank{mac_reduction=0.3}", id="retinanet-op11-lowrank"),
+]
+
+
+@pytest.mark.zoo
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "approximate"), APPROXIMATE)
+def test_zoo_approximate_passes_compile_and_verify(
+    zoo: ZooCache, tmp_path: Path, calibration_images: Path, name: str, approximate: str
+):
+    """quantize (int8 held to its QDQ model), prune and lowrank (held to the graph they left)
+    through compile and verify, on an opset-11 export (quantize converts it to opset 13)."""
+    model = zoo.get(name, Variant(11))
+    out = tmp_path / "artifact"
+    pipeline = f"default,{approximate}"
+    compiled = detc(
+        "compile", model, "--target", "x86", "-p", pipeline, "--calib", calibration_images,
+        "-o", out, "--quiet",
+    )  # fmt: skip
+    _failure_is_one_line(compiled)
+    _check(compiled, f"detc compile -p {pipeline}")
+    verified = detc("verify", out, "--reference", model)
+    _check(verified, "detc verify")
