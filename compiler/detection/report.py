@@ -11,14 +11,12 @@ import dataclasses
 import io
 import json
 import math
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
-from tqdm import tqdm
 
 from detc.compiler.detection.agreement import (
     DEFAULT_MATCH_IOU,
@@ -33,6 +31,7 @@ from detc.compiler.detection.decoders import Decoder, Detections, decode, get_de
 from detc.compiler.detection.metrics import CocoMetrics, category_ids_for, evaluate_coco
 from detc.compiler.detection.spec import ModelSpec
 from detc.compiler.fileio import write_bytes_atomically
+from detc.compiler.progress import progress as show_progress
 from detc.compiler.tensor_compare import TensorDiff, compare_outputs
 from detc.compiler.tolerances import Tolerance
 
@@ -346,22 +345,13 @@ class DetectionComparison:
 def dataset_samples(
     dataset: CocoDataset, spec: ModelSpec, max_images: int | None, progress: bool
 ) -> Iterator[Any]:
-    """The dataset's images prepared for ``spec``, under a progress bar on stderr."""
+    """The dataset's images prepared for ``spec``, under :func:`detc.compiler.progress.progress`
+    (a bar on a terminal, lines with the time left in a log)."""
+    samples = dataset.samples(spec, max_images)
+    if not progress:
+        return samples
     total = len(dataset) if max_images is None else min(max_images, len(dataset))
-    bar = tqdm(
-        dataset.samples(spec, max_images),
-        total=total,
-        desc="detection check",
-        unit="img",
-        file=sys.stderr,
-        # None: tqdm's "only on a terminal" (a CI log would get every redraw)
-        disable=None if progress else True,
-        leave=False,
-    )
-    try:
-        yield from bar
-    finally:
-        bar.close()
+    return show_progress(samples, "detection check", "image", total=total)
 
 
 def evaluate_detection(

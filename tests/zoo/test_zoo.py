@@ -197,3 +197,23 @@ def test_zoo_approximate_passes_compile_and_verify(
     _check(compiled, f"detc compile -p {pipeline}")
     verified = detc("verify", out, "--reference", model)
     _check(verified, "detc verify")
+
+
+def _have_nvcc() -> bool:
+    from detc.targets.cuda.toolkit import find_nvcc
+
+    return find_nvcc() is not None
+
+
+@pytest.mark.zoo
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_zoo_builds_for_cuda(zoo: ZooCache, tmp_path: Path, name: str):
+    """Every family builds for an H100 (the fatbin is compiled here; running it needs a GPU)."""
+    if not _have_nvcc():
+        pytest.skip("no CUDA compiler (nvcc)")
+    out = tmp_path / "artifact"
+    compiled = detc("compile", zoo.get(name, Variant(17)), "--target", "cuda:sm_90", "-o", out)
+    _failure_is_one_line(compiled)
+    _check(compiled, "detc compile --target cuda:sm_90")
+    assert (out / "model.so").is_file()
