@@ -190,13 +190,14 @@ def load_pipeline(
     pipeline: str | None, config: Path | None, calib: Path | None = None
 ) -> str | None:
     """``-p`` text, or the pipeline a ``--config`` TOML states; both at once is refused.
-    ``calib`` becomes ``calib=DIR`` of every pass that reads calibration images and has none."""
+    ``calib`` becomes the calibration images of every pass that declares it reads them
+    (``calibration_option``) and sets none itself."""
     from detc.compiler.ir.pipeline import (
         DEFAULT_PIPELINE,
         load_config,
         parse_pipeline,
         pipeline_from_config,
-        with_option_default,
+        with_calibration_images,
     )
 
     chosen = pipeline
@@ -207,9 +208,7 @@ def load_pipeline(
         chosen = pipeline if from_config is None else str(from_config)
     if calib is None:
         return chosen
-    steps, given = with_option_default(
-        parse_pipeline(chosen or DEFAULT_PIPELINE), "calib", str(calib)
-    )
+    steps, given = with_calibration_images(parse_pipeline(chosen or DEFAULT_PIPELINE), str(calib))
     if not given:
         raise BadInputError(
             f"--calib {calib}: no pass of the pipeline without a calib of its own reads "

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from detc.compiler.cli.options import decoder_option, json_option, max_images_option
+from detc.compiler.errors import BadInputError
 
 
 @click.command("sweep")
@@ -64,7 +65,12 @@ def sweep_cmd(
 
     settings = [v.strip() for v in values.split(",") if v.strip()]
     if calib is not None:
-        pass_options = ",".join(o for o in (pass_options, f"calib={calib}") if o)
+        from detc.compiler.ir.registry import get_pass
+
+        key = get_pass(pass_name).calibration_option
+        if key is None:
+            raise BadInputError(f"--calib {calib}: pass '{pass_name}' reads no calibration images")
+        pass_options = ",".join(o for o in (pass_options, f"{key}={calib}") if o)
     result = sweep(
         model,
         pass_name,

@@ -11,7 +11,6 @@ Grammar (whitespace around tokens is ignored; ``str()`` gives the canonical form
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -75,19 +74,6 @@ class Pipeline:
     def instantiate(self) -> list[DetcPass]:
         """The pass objects; unknown names and bad options fail here, before any work is done."""
         return [step.instantiate() for step in self.steps]
-
-
-def with_option_default(pipeline: Pipeline, key: str, value: str) -> tuple[Pipeline, list[str]]:
-    """``key=value`` given to every step whose pass has option ``key`` and does not set it
-    itself (how ``--calib DIR`` reaches the data-aware passes); also the names of those passes."""
-    steps, given = [], []
-    for step in pipeline.steps:
-        keys = {f.name for f in dataclasses.fields(get_pass(step.name).Options)}
-        if key in keys and key not in dict(step.options):
-            step = PipelineStep(step.name, (*step.options, (key, value)))
-            given.append(step.name)
-        steps.append(step)
-    return Pipeline(tuple(steps)), given
 
 
 def with_calibration_images(pipeline: Pipeline, folder: str) -> tuple[Pipeline, list[str]]:

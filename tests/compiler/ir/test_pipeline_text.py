@@ -116,16 +116,3 @@ def test_default_in_angle_brackets_is_the_default_pipeline() -> None:
     assert str(parse_pipeline("<default>,fold-conv-bn")) == f"{DEFAULT_PIPELINE},fold-conv-bn"
     with pytest.raises(BadInputError, match="only <default>"):
         parse_pipeline("<fold-conv-bn>")
-
-
-def test_calib_reaches_the_passes_that_read_images_and_have_none() -> None:
-    from detc.compiler.ir.pipeline import with_option_default
-
-    pipeline = parse_pipeline("fold-conv-bn,prune{ratio=0.2},lowrank{calib=mine},quantize")
-    given, names = with_option_default(pipeline, "calib", "imgs")
-    assert str(given) == (
-        "fold-conv-bn,prune{ratio=0.2,calib=imgs},lowrank{calib=mine},quantize{calib=imgs}"
-    )
-    assert names == ["prune", "quantize"]  # lowrank keeps its own calibration folder
-    exact_only, none = with_option_default(parse_pipeline("fold-conv-bn"), "calib", "imgs")
-    assert str(exact_only) == "fold-conv-bn" and none == []
