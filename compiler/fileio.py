@@ -8,6 +8,7 @@ half-written file and a failed or interrupted run leaves the previous file (or n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -30,6 +31,15 @@ def cache_dir() -> Path:
         root = (Path(xdg) if xdg else Path.home() / ".cache") / "detc"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:

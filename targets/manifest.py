@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import file_sha256 as sha256_of
 from detc.compiler.reference import TensorSpec
 from detc.targets.context import LIBRARY_FILE, MANIFEST_FILE, PARAMS_FILE, param_key
 from detc.targets.target import Target, resolve_target
@@ -55,14 +56,6 @@ MAX_INPUT_BYTES = 4 * 1024**3
 #: stores them uncompressed)
 MAX_PARAMS_BYTES = 8 * 1024**3
 _MAX_PARAMS_COMPRESSION = 100
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_bytes(shape: Any, dtype: np.dtype) -> int:

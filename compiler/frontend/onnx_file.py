@@ -10,7 +10,6 @@ a model that shape inference proves inconsistent is refused with the node it nam
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from detc.compiler.errors import BadInputError, UnsupportedModelError
+from detc.compiler.fileio import file_sha256
 from detc.compiler.frontend.legalize import (
     check_attributes,
     check_reshapes_follow,
@@ -70,14 +70,6 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
             )
         shapes[name] = sizes
     return shapes
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sniff(path: Path) -> None:

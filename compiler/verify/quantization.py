@@ -7,13 +7,13 @@ has to import the other.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import file_sha256
 
 
 def is_quantized(model: Any) -> bool:
@@ -40,7 +40,7 @@ def quantized_reference_path(
             f"{artifact_dir}: an int8 artifact without its quantized reference "
             f"({path.name or 'reference_qdq.onnx'}); re-run detc compile"
         )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if reference.get("sha256") and digest != reference["sha256"]:
         raise BadInputError(
             f"{path}: not the quantized model this artifact was compiled from (sha256 differs "
