@@ -16,6 +16,7 @@ from detc.compiler.cli.options import (
     json_option,
     max_images_option,
     threads_option,
+    verify_config_option,
 )
 from detc.compiler.errors import BadInputError, CheckFailedError
 
@@ -66,6 +67,7 @@ from detc.compiler.errors import BadInputError, CheckFailedError
     help="Where report.json / report.md go (default: ARTIFACT/report).",
 )
 @threads_option
+@verify_config_option
 @json_option("Print the tensor report as JSON.")
 def verify_cmd(
     artifact: Path,

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
+from detc.compiler.cli.config import build_config_callback, verify_config_callback
 from detc.compiler.errors import BadInputError
 from detc.compiler.fileio import write_file_atomically
 
@@ -47,7 +48,23 @@ config_option = click.option(
     "--config",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help='TOML file stating the pipeline (pipeline = "..." or [[passes]] tables).',
+    is_eager=True,  # its values are the defaults every other option then reads
+    callback=build_config_callback,
+    metavar="TOML",
+    help="A build stated in a TOML file: any option of opt/compile/tune by its long name, "
+    'model, pipeline = "..." or [[passes]] tables; [verify] holds verify\'s. Paths are '
+    "relative to the file; flags given here win; an unknown key is an error.",
+)
+verify_config_option = click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    is_eager=True,
+    expose_value=False,
+    callback=verify_config_callback,
+    metavar="TOML",
+    help="The build's TOML file: its [verify] table states this command's options (gates "
+    "such as max_map_drop, data); flags given here win.",
 )
 dump_option = click.option(
     "--dump-ir",
