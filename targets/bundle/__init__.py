@@ -2,6 +2,7 @@
 
     package_artifact(artifact_dir, out_dir)  → out_dir (the bundle folder)
     Bundle.open(bundle_dir)                  → Bundle (every file checked against SHA256SUMS)
+    detections_from_outputs(outputs)         → a --with-nms model's outputs as detc-run prints them
     cmake_dir()                              → the folder of detc's CMake package
 
 The C/C++ sources compiled into each bundle (the C API ``detc_runtime.h``, the runner
@@ -11,6 +12,7 @@ The C/C++ sources compiled into each bundle (the C API ``detc_runtime.h``, the r
 
 from __future__ import annotations
 
+from detc.targets.bundle.detections import detections_from_outputs, gives_detections
 from detc.targets.bundle.package import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
@@ -26,5 +28,7 @@ __all__ = [
     "Bundle",
     "BundleIntegrityError",
     "cmake_dir",
+    "detections_from_outputs",
+    "gives_detections",
     "package_artifact",
 ]

@@ -7,13 +7,17 @@
                               detc_open / detc-run / :meth:`Bundle.open` check it first
       model/model.so          the compiled model (the artifact's library)
       model/manifest.json     the artifact's manifest, as compiled
-      model/io.tsv            inputs, outputs and params for the C runtime (no JSON parser there)
+      model/io.tsv            inputs, outputs, params and class names for the C runtime (no JSON
+                              parser there)
       model/params/p*.bin     main()'s parameters as raw little-endian buffers (no .npz on device)
-      lib/                    libdetc_runtime.so, libtvm_runtime.so, libtvm_ffi.so (the bundle's
-                              architecture; found through the binaries' $ORIGIN rpath)
+      lib/                    libdetc_runtime.so, libtvm_runtime.so, libtvm_runtime_extra.so
+                              (tvm.contrib.sort.*: TopK, argsort, NMS), libtvm_ffi.so (the
+                              bundle's architecture; found through the binaries' $ORIGIN rpath)
       bin/detc-run            the command-line runner (native: no Python, no compiler)
-      include/detc_runtime.h  the C API
+      include/detc_runtime.h  the C API (detc_ppm.h: a header-only binary PPM reader)
       example/                main.cc and CMakeLists.txt: an application built on the C API
+      python/detc_bundle.py   the bundle from Python with numpy alone (ctypes over the C API; the
+                              same module as ``detc.load(BUNDLE)``)
       README.md               how to run it on the device
 
 libdetc_runtime and detc-run are compiled here, at package time, with the host's C++ compiler
@@ -42,7 +46,10 @@ import numpy as np
 
 from detc.compiler.errors import BadInputError, ToolchainMissingError
 from detc.compiler.fileio import cache_dir, replace_directory
+from detc.compiler.reference import TensorSpec
 from detc.targets.artifact import Artifact, sha256_of
+from detc.targets.bundle.detections import gives_detections
+from detc.targets.manifest import Manifest
 from detc.targets.remote.toolchain import EM_AARCH64, EM_X86_64, elf_machine
 
 BUNDLE_FORMAT = "detc-bundle"
@@ -52,18 +59,25 @@ SUMS_FILE = "SHA256SUMS"
 INDEX_FILE = "model/io.tsv"
 RUNNER_FILE = "bin/detc-run"
 RUNTIME_LIBRARY = "libdetc_runtime.so"
-TVM_LIBRARIES = ("libtvm_runtime.so", "libtvm_ffi.so")
+#: libtvm_runtime_extra holds tvm.contrib.sort.* (what sort, argsort, TopK and NMS lower to)
+TVM_LIBRARIES = ("libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_ffi.so")
 #: the bundle's architectures, by the ELF machine of the artifact's library
 ARCHITECTURES = {EM_X86_64: "x86_64", EM_AARCH64: "aarch64"}
 
 RUNTIME_SOURCES = Path(__file__).with_name("runtime")
 _HEADER = "detc_runtime.h"
+_PPM_HEADER = "detc_ppm.h"
+#: detc_runtime.h's DETC_RUNTIME_API_VERSION, recorded in bundle.json
+RUNTIME_API_VERSION = 2
 _LIBRARY_SOURCE = "detc_runtime.cc"
 _RUNNER_SOURCE = "detc_run.cc"
 _EXAMPLE_FILES = ("example/main.cc", "example/CMakeLists.txt")
 _DEVICE_README = "DEVICE_README.md"
+#: the standalone ctypes loader (detc.targets.bundle.loader), as the bundle ships it
+_PYTHON_LOADER = Path(__file__).with_name("loader.py")
+PYTHON_LOADER_FILE = "python/detc_bundle.py"
 # Bump when the compile recipe changes: cached runtimes built the old way are then ignored.
-_RUNTIME_RECIPE = 1
+_RUNTIME_RECIPE = 2
 
 
 class BundleIntegrityError(BadInputError):
@@ -130,6 +144,16 @@ class Bundle:
     def runner(self) -> Path:
         return self.directory / RUNNER_FILE
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The model spec's class names (``class`` of a detection indexes them); () if none."""
+        return tuple(str(name) for name in self.document.get("class_names", ()))
+
+    @property
+    def gives_detections(self) -> bool:
+        """Whether the model was compiled with ``--with-nms`` (bin/detc-run prints detections)."""
+        return gives_detections(self.document.get("outputs", ()))
+
 
 # ---- the native runtime, compiled per architecture ---------------------------------------------
 
@@ -139,7 +163,7 @@ class _Toolchain:
     architecture: str
     cxx: str
     flags: tuple[str, ...]
-    tvm_lib_dir: Path  # libtvm_runtime.so and libtvm_ffi.so of the architecture
+    tvm_lib_dir: Path  # TVM_LIBRARIES of the architecture
     include_dir: Path  # tvm_ffi's headers (with dlpack): the same on every architecture
 
 
@@ -166,8 +190,8 @@ def _toolchain(architecture: str) -> _Toolchain:
                 "packaging compiles the bundle's runtime with a C++ compiler: "
                 "`sudo apt-get install g++` (or set CXX)"
             )
-        # The wheels keep the two libraries in their own packages' lib folders.
-        staged = cache_dir() / "bundle" / f"x86_64-tvm-libs-{_versions_tag()}"
+        # The wheels keep the libraries in their own packages' lib folders.
+        staged = cache_dir() / "bundle" / f"x86_64-tvm-libs-r{_RUNTIME_RECIPE}-{_versions_tag()}"
         if not all((staged / name).is_file() for name in TVM_LIBRARIES):
             _stage_host_tvm_libraries(staged)
         return _Toolchain(architecture, cxx, (), staged, include)
@@ -188,6 +212,7 @@ def _versions_tag() -> str:
 def _stage_host_tvm_libraries(staged: Path) -> None:
     sources = {
         "libtvm_runtime.so": _package_dir("tvm") / "lib" / "libtvm_runtime.so",
+        "libtvm_runtime_extra.so": _package_dir("tvm") / "lib" / "libtvm_runtime_extra.so",
         "libtvm_ffi.so": _package_dir("tvm_ffi") / "lib" / "libtvm_ffi.so",
     }
     staging = Path(tempfile.mkdtemp(prefix=".tvm-libs-", dir=cache_dir()))
@@ -224,7 +249,7 @@ def _runtime_build(toolchain: _Toolchain) -> Path:
     """A folder with lib/libdetc_runtime.so and bin/detc-run for ``toolchain``'s architecture,
     compiled once into the cache."""
     recipe = hashlib.sha256(f"recipe={_RUNTIME_RECIPE};{toolchain.cxx};{toolchain.flags}".encode())
-    for name in (_HEADER, _LIBRARY_SOURCE, _RUNNER_SOURCE):
+    for name in (_HEADER, _PPM_HEADER, _LIBRARY_SOURCE, _RUNNER_SOURCE):
         recipe.update((RUNTIME_SOURCES / name).read_bytes())
     for name in TVM_LIBRARIES:
         recipe.update(sha256_of(toolchain.tvm_lib_dir / name).encode())
@@ -253,9 +278,11 @@ def _runtime_build(toolchain: _Toolchain) -> Path:
                 "-L",
                 str(toolchain.tvm_lib_dir),
                 # Loading libtvm_runtime registers the Relax VM executable loader model.so needs,
-                # though nothing here calls it directly: keep it as a dependency.
+                # libtvm_runtime_extra the tvm.contrib.sort.* functions TopK and NMS call, though
+                # nothing here calls either directly: keep them as dependencies.
                 "-Wl,--no-as-needed",
                 "-ltvm_runtime",
+                "-ltvm_runtime_extra",
                 "-ltvm_ffi",
                 "-Wl,-rpath,$ORIGIN",
                 "-s",
@@ -336,7 +363,31 @@ def _tsv_field(text: str, what: str) -> str:
 
 
 def _dims(shape: tuple[Any, ...]) -> str:
-    return ",".join(str(d) if isinstance(d, int) else "-1" for d in shape)
+    """Sizes as digits; a named free dimension ("h", "w") by its name, any other as -1."""
+    return ",".join(
+        str(d) if isinstance(d, int) else d if isinstance(d, str) and d.isidentifier() else "-1"
+        for d in shape
+    )
+
+
+def _takes_any_image(spec: TensorSpec) -> bool:
+    """The image input of ``--with-preprocess``: uint8 (h, w, 3), height and width free."""
+    shape = tuple(spec.shape)
+    return (
+        spec.dtype == "uint8"
+        and len(shape) == 3
+        and shape[2] == 3
+        and all(isinstance(d, str) or (isinstance(d, int) and d > 0) for d in shape[:2])
+    )
+
+
+def _class_names(manifest: Manifest) -> list[str]:
+    """The model spec's class names, when the manifest has them (else none)."""
+    spec = manifest.other.get("model_spec")
+    names = spec.get("class_names") if isinstance(spec, dict) else None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return []
+    return [_tsv_field(name, "class name") for name in names]
 
 
 def _write_model(artifact: Artifact, model_dir: Path) -> list[dict[str, Any]]:
@@ -347,10 +398,12 @@ def _write_model(artifact: Artifact, model_dir: Path) -> list[dict[str, Any]]:
     lines = ["detc-bundle\t1", "library\tmodel/model.so"]
     for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
         for spec in specs:
-            if kind == "input" and not all(isinstance(d, int) and d > 0 for d in spec.shape):
+            fixed = all(isinstance(d, int) and d > 0 for d in spec.shape)
+            if kind == "input" and not fixed and not _takes_any_image(spec):
                 raise BadInputError(
                     f"input '{spec.name}' has shape {list(spec.shape)}: a bundle needs fixed "
-                    "input shapes (compile with --input-shape)"
+                    "input shapes (compile with --input-shape), or an image input of free "
+                    "height and width (compile with --with-preprocess)"
                 )
             name = _tsv_field(spec.name, f"{kind} name")
             lines.append(f"{kind}\t{name}\t{spec.dtype}\t{_dims(spec.shape)}")
@@ -363,6 +416,7 @@ def _write_model(artifact: Artifact, model_dir: Path) -> list[dict[str, Any]]:
         np.ascontiguousarray(little_endian).tofile(model_dir / file_name)
         lines.append(f"param\t{value.dtype.name}\t{_dims(value.shape)}\tmodel/{file_name}")
         params.append({"file": f"model/{file_name}", "dtype": value.dtype.name})
+    lines += [f"class\t{index}\t{name}" for index, name in enumerate(_class_names(manifest))]
     (model_dir / "io.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return params
 
@@ -405,24 +459,26 @@ def package_artifact(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        for folder in ("model", "lib", "bin", "include", "example"):
+        for folder in ("model", "lib", "bin", "include", "example", "python"):
             (staging / folder).mkdir()
         params = _write_model(artifact, staging / "model")
         shutil.copyfile(runtime / "lib" / RUNTIME_LIBRARY, staging / "lib" / RUNTIME_LIBRARY)
         for name in TVM_LIBRARIES:
             shutil.copyfile(toolchain.tvm_lib_dir / name, staging / "lib" / name)
         shutil.copyfile(runtime / RUNNER_FILE, staging / RUNNER_FILE)
-        shutil.copyfile(RUNTIME_SOURCES / _HEADER, staging / "include" / _HEADER)
+        for header in (_HEADER, _PPM_HEADER):
+            shutil.copyfile(RUNTIME_SOURCES / header, staging / "include" / header)
         for name in _EXAMPLE_FILES:
             shutil.copyfile(RUNTIME_SOURCES / name, staging / name)
         shutil.copyfile(RUNTIME_SOURCES / _DEVICE_README, staging / "README.md")
+        shutil.copyfile(_PYTHON_LOADER, staging / PYTHON_LOADER_FILE)
         manifest = artifact.manifest
         document = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
             "architecture": architecture,
             "target": manifest.target_name,
-            "runtime_api_version": 1,
+            "runtime_api_version": RUNTIME_API_VERSION,
             "inputs": [
                 {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in manifest.inputs
             ],
@@ -430,6 +486,9 @@ def package_artifact(
                 {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in manifest.outputs
             ],
             "params": params,
+            # the compiled-in stages (--with-preprocess / --with-nms), when there are any
+            **({"prepost": manifest.other["prepost"]} if "prepost" in manifest.other else {}),
+            "class_names": _class_names(manifest),
             "versions": {**_host_tvm_versions(), "detc": _detc_version()},
             "artifact_library_sha256": manifest.library_sha256,
         }

@@ -1,8 +1,10 @@
 // detc aarch64 runner: loads a Relax executable exported by detc (model.so), runs it on the CPU
 // for one or more input sets and writes the outputs as raw little-endian buffers.
 //
-// Cross-compiled on the host with aarch64-linux-gnu-g++ against libtvm_runtime.so / libtvm_ffi.so
-// from the aarch64 apache-tvm wheels, and run under qemu-aarch64 by detc.targets._emulator (it
+// Cross-compiled on the host with aarch64-linux-gnu-g++ against libtvm_runtime.so,
+// libtvm_runtime_extra.so and libtvm_ffi.so from the aarch64 apache-tvm wheels (linked, not
+// called: loading libtvm_runtime_extra registers tvm.contrib.sort.*, which TopK, argsort and NMS
+// lower to), and run under qemu-aarch64 by detc.targets._emulator (it
 // also runs unchanged on a real aarch64 board). It needs no Python: the host side converts
 // params.npz and the feeds into raw buffers and describes them in a plan file.
 //

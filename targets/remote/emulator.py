@@ -3,10 +3,12 @@
 Emulation proves numerics only: nothing here measures or returns time.
 
 The emulation environment is a small native runner (`aarch64_runner.cc`) cross-compiled against
-``libtvm_runtime.so`` / ``libtvm_ffi.so`` from the aarch64 apache-tvm wheels of the *same* versions
-as the host's TVM (the exported VM executable format must match), plus the aarch64 C/C++ runtime
-libraries copied from the cross toolchain's sysroot. No Python runs under emulation: the runner
-starts in a fraction of a second and needs no arm64 Debian root. It is prepared once into
+``libtvm_runtime.so``, ``libtvm_runtime_extra.so`` (the ``tvm.contrib.sort.*`` functions sort,
+argsort, TopK and NMS lower to) and ``libtvm_ffi.so`` from the aarch64 apache-tvm wheels of the
+*same* versions as the host's TVM (the exported VM executable format must match), plus the
+aarch64 C/C++ runtime libraries copied from the cross toolchain's sysroot. No Python runs under
+emulation: the runner starts in a fraction of a second and needs no arm64 Debian root. It is
+prepared once into
 ``<cache>/emulation/aarch64-tvm<v>-ffi<v>-r<hash>/`` — in a temporary directory renamed into
 place, under a file lock so concurrent first uses prepare it once.
 
@@ -48,7 +50,8 @@ from detc.targets.remote.toolchain import (
 _LOG = logging.getLogger("detc.targets.emulator")
 
 # Bump when the environment's layout or build recipe changes: old caches are then ignored.
-_ENV_FORMAT = 1
+# 2: libtvm_runtime_extra.so joined lib/ and the runner links it.
+_ENV_FORMAT = 2
 _RUNNER_SOURCE = Path(__file__).with_name("aarch64_runner.cc")
 _RUNNER_NAME = "detc-aarch64-runner"
 _WHEEL_PLATFORM = "manylinux_2_28_aarch64"
@@ -196,7 +199,10 @@ def _prepare_env(staging: Path, compiler: CrossCompiler) -> None:
 
     wheels = _download_wheels(work / "wheels", tvm_version, ffi_version)
     include = work / "include"
-    _extract_from_wheel(wheels["apache-tvm"], {"tvm/lib/libtvm_runtime.so": lib})
+    _extract_from_wheel(
+        wheels["apache-tvm"],
+        {"tvm/lib/libtvm_runtime.so": lib, "tvm/lib/libtvm_runtime_extra.so": lib},
+    )
     _extract_from_wheel(
         wheels["apache-tvm-ffi"],
         {
@@ -307,10 +313,12 @@ def _compile_runner(compiler: CrossCompiler, include: Path, lib: Path, output: P
         str(output),
         "-L",
         str(lib),
-        # The runner calls nothing in libtvm_runtime directly, but loading it registers the
-        # Relax VM executable loader that model.so needs: keep it as a dependency.
+        # The runner calls nothing in these two directly, but loading them registers the Relax
+        # VM executable loader (libtvm_runtime) and the tvm.contrib.sort.* functions TopK, sort
+        # and NMS call (libtvm_runtime_extra) that model.so needs: keep them as dependencies.
         "-Wl,--no-as-needed",
         "-ltvm_runtime",
+        "-ltvm_runtime_extra",
         "-ltvm_ffi",
         "-Wl,-rpath,$ORIGIN/../lib",
     ]

@@ -1,18 +1,12 @@
-// detc-run: run a detc bundle on tensor files and print the outputs as JSON. No Python, no TVM
-// headers: only the C API of detc_runtime.h.
-//
-//   detc-run BUNDLE_DIR INPUT... [--runs N] [--full] [--save DIR]
-//
-// Each INPUT is a tensor file for the model's inputs in order: .npy (the input's dtype and
-// shape, C order) or raw little-endian bytes of exactly the input's size (.bin, or any other
-// name). Prints one JSON object: every output's name, dtype, shape, summary (min, max, mean)
-// and its values when it has at most 16 elements or --full is given. --runs N runs N more
-// times after the first and adds their latency (ms); --save DIR writes each output as
-// DIR/<k>.npy. Exit status: 0 ok, 1 the model failed, 2 bad usage, input or bundle.
+// detc-run: run a detc bundle on an image or tensor files and print detections or outputs as
+// JSON. No Python, no TVM headers: only the C API of detc_runtime.h (and detc_ppm.h).
+// kHelp below is the user's documentation; DEVICE_README.md repeats it.
 
+#include "detc_ppm.h"
 #include "detc_runtime.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -30,6 +25,40 @@ namespace {
 
 constexpr size_t kInlineValues = 16;
 
+const char* kUsage =
+    "usage: detc-run BUNDLE_DIR IMAGE.ppm|INPUT... [--runs N] [--tensors] [--full] [--save DIR]";
+
+const char* kHelp =
+    R"(Run a detc bundle on an image or on tensor files.
+
+IMAGE.ppm  a binary PPM image (P6, maxval 255, RGB), of any size for a model compiled with
+           --with-preprocess, else of the model's input size (a uint8 H x W x 3 input).
+           Files named .ppm/.pnm, or whose content starts with P1..P7 (not .npy/.bin), are
+           read as images; other PNM kinds and maxvals are refused.
+INPUT...   one tensor file per model input, in order: .npy (the input's dtype and shape,
+           C order) or raw little-endian bytes of exactly the input's size.
+
+Output (one JSON document on stdout):
+  a model compiled with --with-nms: the detections, best first, boxes in the image's pixels
+  (in the model input's pixels when compiled without --with-preprocess)
+    [{"box": [x1, y1, x2, y2], "score": s, "class": c}, ...]
+  with --runs N: {"detections": [...], "latency_ms": LATENCY}
+  other models, or with --tensors: {"bundle": DIR, "outputs": [{"name", "dtype", "shape",
+    "summary": {"min", "max", "mean"}, "values" (at most 16 elements, or all with --full)}],
+    "latency_ms": LATENCY (with --runs N)}
+  LATENCY = {"runs": N, "mean": ms, "median": ms, "min": ms, "max": ms} over N runs after the
+  first (each run includes copying the input in and, for images, the compiled-in
+  preprocessing and NMS).
+
+Options:
+  --runs N    time N more runs after the first
+  --tensors   print the outputs as tensors even when the model gives detections
+  --full      print every value of every output (with --tensors or a model without NMS)
+  --save DIR  write output k as DIR/<k>.npy
+
+Exit status: 0 ok, 1 the model failed, 2 bad usage, input or bundle.
+)";
+
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -39,8 +68,19 @@ struct Options {
   std::vector<std::string> inputs;
   int runs = 0;
   bool full = false;
+  bool tensors = false;
   std::string save_dir;
 };
+
+struct HelpRequested {};
+
+int ParseCount(const std::string& text) {
+  bool digits = !text.empty() && text.size() <= 9 &&
+                text.find_first_not_of("0123456789") == std::string::npos;
+  int count = digits ? std::stoi(text) : 0;
+  if (count < 1) throw UsageError("--runs takes a positive count, got " + text);
+  return count;
+}
 
 Options ParseArguments(int argc, char** argv) {
   Options options;
@@ -48,14 +88,15 @@ Options ParseArguments(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--runs" && i + 1 < argc) {
-      options.runs = std::atoi(argv[++i]);
-      if (options.runs < 1) throw UsageError("--runs takes a positive count");
+      options.runs = ParseCount(argv[++i]);
     } else if (arg == "--full") {
       options.full = true;
+    } else if (arg == "--tensors") {
+      options.tensors = true;
     } else if (arg == "--save" && i + 1 < argc) {
       options.save_dir = argv[++i];
     } else if (arg == "-h" || arg == "--help") {
-      throw UsageError("");
+      throw HelpRequested();
     } else if (arg.rfind("--", 0) == 0) {
       throw UsageError("unknown option " + arg);
     } else {
@@ -156,6 +197,7 @@ std::string LoadInput(const std::string& path, const detc_tensor_info& info) {
     if (c >= '0' && c <= '9') {
       digits += c;
     } else if (!digits.empty()) {
+      if (digits.size() > 18) throw UsageError(path + " has a malformed .npy shape " + shape);
       dims.push_back(std::stoll(digits));
       digits.clear();
     }
@@ -243,39 +285,49 @@ void Check(detc_status status, bool usage_error) {
   throw RunFailure(detc_last_error());
 }
 
-int Main(const Options& options) {
-  detc_model* model = nullptr;
-  detc_status opened = detc_open(options.bundle.c_str(), &model);
-  Check(opened, opened != DETC_ERROR_RUNTIME);
-  std::unique_ptr<detc_model, void (*)(detc_model*)> owner(model, detc_close);
+bool EndsWith(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() &&
+         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
 
-  int num_inputs = detc_num_inputs(model);
-  if (static_cast<int>(options.inputs.size()) != num_inputs) {
-    throw UsageError("the model takes " + std::to_string(num_inputs) + " input(s), got " +
-                     std::to_string(options.inputs.size()) + " file(s)");
-  }
-  std::vector<std::string> buffers;
-  std::vector<const void*> pointers;
-  std::vector<size_t> sizes;
-  for (int i = 0; i < num_inputs; ++i) {
-    detc_tensor_info info;
-    Check(detc_input_info(model, i, &info), true);
-    buffers.push_back(LoadInput(options.inputs[i], info));
-  }
-  for (const std::string& buffer : buffers) {
-    pointers.push_back(buffer.data());
-    sizes.push_back(buffer.size());
-  }
-  Check(detc_run(model, pointers.data(), sizes.data(), num_inputs), false);
+std::string Lowercase(std::string text) {
+  for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return text;
+}
 
-  std::vector<double> latencies;
-  for (int run = 0; run < options.runs; ++run) {
-    auto started = std::chrono::steady_clock::now();
-    Check(detc_run(model, pointers.data(), sizes.data(), num_inputs), false);
-    std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - started;
-    latencies.push_back(elapsed.count());
-  }
+// An image by its name (.ppm, .pnm) or, unless named as a tensor file, by its first bytes.
+bool IsImageFile(const std::string& path, const std::string& content) {
+  std::string name = Lowercase(path);
+  if (EndsWith(name, ".ppm") || EndsWith(name, ".pnm")) return true;
+  if (EndsWith(name, ".npy") || EndsWith(name, ".bin")) return false;
+  return detc_ppm::LooksLikePnm(content);
+}
 
+std::string LatencyJson(const std::vector<double>& latencies) {
+  std::vector<double> sorted = latencies;
+  std::sort(sorted.begin(), sorted.end());
+  double sum = 0;
+  for (double value : latencies) sum += value;
+  return "{\"runs\": " + std::to_string(latencies.size()) +
+         ", \"mean\": " + JsonNumber(sum / static_cast<double>(latencies.size())) +
+         ", \"median\": " + JsonNumber(sorted[sorted.size() / 2]) +
+         ", \"min\": " + JsonNumber(sorted.front()) + ", \"max\": " + JsonNumber(sorted.back()) +
+         "}";
+}
+
+std::string DetectionsJson(const detc_detection* found, int count) {
+  std::string json = "[";
+  for (int i = 0; i < count; ++i) {
+    const detc_detection& detection = found[i];
+    json += std::string(i ? ", " : "") + "{\"box\": [" + JsonNumber(detection.box[0]) + ", " +
+            JsonNumber(detection.box[1]) + ", " + JsonNumber(detection.box[2]) + ", " +
+            JsonNumber(detection.box[3]) + "], \"score\": " + JsonNumber(detection.score) +
+            ", \"class\": " + std::to_string(detection.class_id) + "}";
+  }
+  return json + "]";
+}
+
+std::string OutputsJson(detc_model* model, const Options& options) {
   std::string json = "{\"bundle\": " + JsonString(options.bundle) + ", \"outputs\": [";
   for (int k = 0; k < detc_num_outputs(model); ++k) {
     detc_tensor_info info;
@@ -305,23 +357,97 @@ int Main(const Options& options) {
       }
     }
     json += "}";
-    if (!options.save_dir.empty()) {
-      SaveNpy(options.save_dir + "/" + std::to_string(k) + ".npy", info, data, bytes);
+  }
+  return json + "]";
+}
+
+void SaveOutputs(detc_model* model, const std::string& save_dir) {
+  for (int k = 0; k < detc_num_outputs(model); ++k) {
+    detc_tensor_info info;
+    const void* data;
+    size_t bytes;
+    Check(detc_output_info(model, k, &info), false);
+    Check(detc_output_data(model, k, &data, &bytes), false);
+    SaveNpy(save_dir + "/" + std::to_string(k) + ".npy", info, data, bytes);
+  }
+}
+
+bool HasFreeDim(const detc_tensor_info& info) {
+  for (int d = 0; d < info.ndim; ++d) {
+    if (info.shape[d] < 0) return true;
+  }
+  return false;
+}
+
+int Main(const Options& options) {
+  detc_model* model = nullptr;
+  detc_status opened = detc_open(options.bundle.c_str(), &model);
+  Check(opened, opened != DETC_ERROR_RUNTIME);
+  std::unique_ptr<detc_model, void (*)(detc_model*)> owner(model, detc_close);
+
+  // One closure per input kind, so that the timed runs repeat exactly the first.
+  std::function<detc_status()> run;
+  detc_ppm::Image image;
+  std::vector<std::string> buffers;
+  std::vector<const void*> pointers;
+  std::vector<size_t> sizes;
+  int num_inputs = detc_num_inputs(model);
+  std::string first = options.inputs.size() == 1 ? ReadFile(options.inputs[0]) : "";
+  if (options.inputs.size() == 1 && IsImageFile(options.inputs[0], first)) {
+    std::string error = detc_ppm::Parse(first, &image);
+    if (!error.empty()) throw UsageError(options.inputs[0] + ": " + error);
+    run = [&] { return detc_run_image(model, image.rgb.data(), image.height, image.width); };
+  } else {
+    if (static_cast<int>(options.inputs.size()) != num_inputs) {
+      throw UsageError("the model takes " + std::to_string(num_inputs) + " input(s), got " +
+                       std::to_string(options.inputs.size()) + " file(s)");
     }
+    for (int i = 0; i < num_inputs; ++i) {
+      detc_tensor_info info;
+      Check(detc_input_info(model, i, &info), true);
+      if (HasFreeDim(info)) {
+        throw UsageError("input " + std::string(info.name) +
+                         " takes an image of any size: give a binary PPM image (P6)");
+      }
+      buffers.push_back(LoadInput(options.inputs[i], info));
+    }
+    for (const std::string& buffer : buffers) {
+      pointers.push_back(buffer.data());
+      sizes.push_back(buffer.size());
+    }
+    run = [&] { return detc_run(model, pointers.data(), sizes.data(), num_inputs); };
   }
-  json += "]";
-  if (!latencies.empty()) {
-    std::vector<double> sorted = latencies;
-    std::sort(sorted.begin(), sorted.end());
-    double sum = 0;
-    for (double value : latencies) sum += value;
-    json += ", \"latency_ms\": {\"runs\": " + std::to_string(latencies.size()) +
-            ", \"mean\": " + JsonNumber(sum / static_cast<double>(latencies.size())) +
-            ", \"median\": " + JsonNumber(sorted[sorted.size() / 2]) +
-            ", \"min\": " + JsonNumber(sorted.front()) + ", \"max\": " + JsonNumber(sorted.back()) +
-            "}";
+  detc_status first_run = run();
+  // a refused input (wrong image size, not an image model) is the user's, not the model's
+  Check(first_run, first_run == DETC_ERROR_BAD_ARGUMENT);
+
+  // the detections (and the --save files) of the first run: the timed runs only add latency
+  const detc_detection* found = nullptr;
+  int found_count = 0;
+  bool detections = false;
+  if (!options.tensors) {
+    detc_status status = detc_detections(model, &found, &found_count);
+    if (status != DETC_ERROR_BAD_ARGUMENT) Check(status, false);  // BAD_ARGUMENT: no NMS
+    detections = status == DETC_OK;
   }
-  json += "}";
+  std::string json = detections ? DetectionsJson(found, found_count) : OutputsJson(model, options);
+  if (!options.save_dir.empty()) SaveOutputs(model, options.save_dir);
+
+  std::vector<double> latencies;
+  for (int count = 0; count < options.runs; ++count) {
+    auto started = std::chrono::steady_clock::now();
+    Check(run(), false);
+    std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - started;
+    latencies.push_back(elapsed.count());
+  }
+  if (detections) {
+    if (!latencies.empty()) {
+      json = "{\"detections\": " + json + ", \"latency_ms\": " + LatencyJson(latencies) + "}";
+    }
+  } else {
+    if (!latencies.empty()) json += ", \"latency_ms\": " + LatencyJson(latencies);
+    json += "}";
+  }
   std::printf("%s\n", json.c_str());
   return 0;
 }
@@ -331,9 +457,12 @@ int Main(const Options& options) {
 int main(int argc, char** argv) {
   try {
     return Main(ParseArguments(argc, argv));
+  } catch (const HelpRequested&) {
+    std::printf("%s\n\n%s", kUsage, kHelp);
+    return 0;
   } catch (const UsageError& error) {
-    if (error.what()[0] != '\0') std::fprintf(stderr, "detc-run: error: %s\n", error.what());
-    std::fprintf(stderr, "usage: detc-run BUNDLE_DIR INPUT... [--runs N] [--full] [--save DIR]\n");
+    std::fprintf(stderr, "detc-run: error: %s\n", error.what());
+    std::fprintf(stderr, "%s (--help for more)\n", kUsage);
     return 2;
   } catch (const std::exception& error) {
     std::fprintf(stderr, "detc-run: error: %s\n", error.what());

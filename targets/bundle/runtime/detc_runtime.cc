@@ -8,10 +8,15 @@
 //   model/io.tsv    one tab-separated record per line:
 //                     detc-bundle <TAB> 1
 //                     library <TAB> model/model.so
-//                     input   <TAB> name <TAB> dtype <TAB> d0,d1,...   (-1: unknown until run)
+//                     input   <TAB> name <TAB> dtype <TAB> d0,d1,...   (-1 or a name such as
+//                                                                   h: free / unknown until run)
 //                     output  <TAB> name <TAB> dtype <TAB> d0,d1,...
 //                     param   <TAB> dtype <TAB> d0,d1,... <TAB> model/params/p00000.bin
+//                     class   <TAB> index <TAB> name                (the model spec's class names)
 //   the library and the params' raw little-endian buffers, in main()'s order after the inputs
+//
+// Detections (detc_detections) are read from the outputs detc compile --with-nms gives, by name:
+//   boxes float32 (M, 4) · scores float32 (M,) · classes int32 (M,) · count int32 (1,)
 
 #include "detc_runtime.h"
 
@@ -208,13 +213,25 @@ std::string DtypeName(DLDataType dtype) {
   return kind + std::to_string(dtype.bits);
 }
 
+// Digits are a fixed size; a name ("h", "w") or -1 is a free dimension, stored as -1.
 std::vector<int64_t> ParseShape(const std::string& text) {
   std::vector<int64_t> shape;
   for (const std::string& dim : Split(text, ',')) {
-    if (!dim.empty()) shape.push_back(std::stoll(dim));
+    if (dim.empty()) continue;
+    bool digits = dim.size() <= 18 && dim.find_first_not_of("0123456789") == std::string::npos;
+    shape.push_back(digits ? std::stoll(dim) : -1);
   }
   return shape;
 }
+
+bool HasFreeDim(const std::vector<int64_t>& shape) {
+  return std::any_of(shape.begin(), shape.end(), [](int64_t dim) { return dim < 0; });
+}
+
+const char* kNmsHint =
+    "its outputs are the network's raw tensors, not detections (boxes, scores, classes, count): "
+    "compile the model with `detc compile --with-nms` (and --with-preprocess to run it on images "
+    "of any size), then package it again";
 
 size_t ByteSize(DLDataType dtype, const std::vector<int64_t>& shape) {
   size_t count = 1;
@@ -357,14 +374,17 @@ struct detc_model {
   std::vector<TensorDesc> inputs;
   std::vector<TensorDesc> outputs;
   std::vector<ParamDesc> param_descs;
+  std::vector<std::string> class_names;
   std::optional<ffi::Module> library;
   std::optional<ffi::Module> vm;
   std::optional<ffi::Function> main_function;
   std::vector<ffi::Tensor> params;
-  std::vector<ffi::Tensor> input_tensors;
+  // inputs of fixed shape are allocated once; free ones (an image of any size) per shape
+  std::vector<std::optional<ffi::Tensor>> input_tensors;
   std::vector<ffi::Tensor> results;
   // what detc_output_info reports after a run
   std::vector<TensorDesc> produced;
+  std::vector<detc_detection> detections;
 
   void ReadIndex(const std::set<std::string>& listed) {
     const std::string index_path = "model/io.tsv";
@@ -391,7 +411,13 @@ struct detc_model {
       } else if (kind == "param" && fields.size() == 4 && SafeRelativePath(fields[3])) {
         RequireListed(listed, fields[3], dir);
         TensorDesc desc{"param", fields[1], ParseDtype(fields[1]), ParseShape(fields[2])};
+        if (HasFreeDim(desc.shape)) {
+          throw Failure(DETC_ERROR_BAD_BUNDLE, dir + "/" + index_path + ": a param of free shape");
+        }
         param_descs.push_back(ParamDesc{desc, dir + "/" + fields[3]});
+      } else if (kind == "class" && fields.size() == 3 &&
+                 fields[1] == std::to_string(class_names.size())) {
+        class_names.push_back(fields[2]);
       } else {
         throw Failure(DETC_ERROR_BAD_BUNDLE, dir + "/" + index_path + ": unexpected line: " + line);
       }
@@ -409,7 +435,10 @@ struct detc_model {
     for (const ParamDesc& param : param_descs) {
       params.push_back(LoadRawTensor(param.tensor, param.path));
     }
-    for (const TensorDesc& input : inputs) input_tensors.push_back(EmptyTensor(input));
+    for (const TensorDesc& input : inputs) {
+      input_tensors.push_back(HasFreeDim(input.shape) ? std::nullopt
+                                                      : std::optional(EmptyTensor(input)));
+    }
     produced = outputs;
   }
 
@@ -419,17 +448,98 @@ struct detc_model {
                                                  " input(s), got " + std::to_string(count));
     }
     for (int i = 0; i < count; ++i) {
-      size_t expected = ffi::GetDataSize(input_tensors[i]);
+      if (HasFreeDim(inputs[i].shape)) {
+        throw Failure(DETC_ERROR_BAD_ARGUMENT,
+                      "input " + inputs[i].name +
+                          " takes an image of any size: run it with detc_run_image");
+      }
+      size_t expected = ffi::GetDataSize(*input_tensors[i]);
       if (data[i] == nullptr || bytes[i] != expected) {
         throw Failure(DETC_ERROR_BAD_ARGUMENT,
                       "input " + inputs[i].name + " takes " + std::to_string(expected) +
                           " bytes (" + inputs[i].dtype_name + "), got " +
                           std::to_string(bytes[i]));
       }
-      std::memcpy(input_tensors[i].data_ptr(), data[i], expected);
+      std::memcpy(input_tensors[i]->data_ptr(), data[i], expected);
     }
+    Execute();
+  }
+
+  void RunImage(const uint8_t* rgb, int height, int width) {
+    const TensorDesc* image = inputs.size() == 1 ? &inputs[0] : nullptr;
+    if (image == nullptr || image->dtype_name != "uint8" || image->shape.size() != 3 ||
+        image->shape[2] != 3) {
+      throw Failure(DETC_ERROR_BAD_ARGUMENT,
+                    "this model does not take an image (it takes " + DescribeInputs() +
+                        "): compile it with `detc compile --with-preprocess` to run it on uint8 "
+                        "RGB images of any size, then package it again");
+    }
+    if (rgb == nullptr || height <= 0 || width <= 0 || height > kMaxImageSide ||
+        width > kMaxImageSide) {
+      throw Failure(DETC_ERROR_BAD_ARGUMENT,
+                    "detc_run_image needs RGB pixels and a height and width in 1.." +
+                        std::to_string(kMaxImageSide) + ", got " + std::to_string(height) + "x" +
+                        std::to_string(width));
+    }
+    const int64_t wanted[2] = {height, width};
+    for (int d = 0; d < 2; ++d) {
+      if (image->shape[d] >= 0 && image->shape[d] != wanted[d]) {
+        throw Failure(DETC_ERROR_BAD_ARGUMENT,
+                      "this model takes " + std::to_string(image->shape[0]) + "x" +
+                          std::to_string(image->shape[1]) + " images, got " +
+                          std::to_string(height) + "x" + std::to_string(width) +
+                          ": resize the image, or compile the model with `detc compile "
+                          "--with-preprocess` to take images of any size");
+      }
+    }
+    std::optional<ffi::Tensor>& tensor = input_tensors[0];
+    if (!tensor.has_value() || tensor->shape()[0] != height || tensor->shape()[1] != width) {
+      TensorDesc shaped = *image;
+      shaped.shape = {height, width, 3};
+      tensor = EmptyTensor(shaped);
+    }
+    std::memcpy(tensor->data_ptr(), rgb, static_cast<size_t>(height) * width * 3);
+    Execute();
+  }
+
+  void ReadDetections() {
+    const ffi::Tensor* boxes = Produced("boxes", "float32", 2);
+    const ffi::Tensor* scores = Produced("scores", "float32", 1);
+    const ffi::Tensor* classes = Produced("classes", "int32", 1);
+    const ffi::Tensor* count = Produced("count", "int32", 1);
+    if (boxes == nullptr || scores == nullptr || classes == nullptr || count == nullptr) {
+      throw Failure(DETC_ERROR_BAD_ARGUMENT, std::string("this model gives no detections: ") +
+                                                 kNmsHint);
+    }
+    int64_t rows = boxes->shape()[0];
+    if (boxes->shape()[1] != 4 || scores->shape()[0] != rows || classes->shape()[0] != rows ||
+        count->shape()[0] != 1) {
+      throw Failure(DETC_ERROR_RUNTIME,
+                    "the outputs boxes, scores, classes, count do not have the shapes (M, 4), "
+                    "(M,), (M,), (1,) of --with-nms");
+    }
+    int32_t valid = *static_cast<const int32_t*>(Data(*count));
+    valid = std::max<int32_t>(0, std::min<int64_t>(valid, rows));
+    const float* box = static_cast<const float*>(Data(*boxes));
+    const float* score = static_cast<const float*>(Data(*scores));
+    const int32_t* class_id = static_cast<const int32_t*>(Data(*classes));
+    detections.assign(static_cast<size_t>(valid), detc_detection{});
+    for (int32_t i = 0; i < valid; ++i) {
+      std::copy(box + 4 * i, box + 4 * i + 4, detections[i].box);
+      detections[i].score = score[i];
+      detections[i].class_id = class_id[i];
+    }
+  }
+
+ private:
+  // Bounds an image's side before anything is allocated for it (as detc_ppm.h does).
+  static constexpr int kMaxImageSide = 1 << 14;
+
+  void Execute() {
+    results.clear();
+    detections.clear();
     std::vector<ffi::AnyView> args;
-    for (const ffi::Tensor& tensor : input_tensors) args.emplace_back(tensor);
+    for (const std::optional<ffi::Tensor>& tensor : input_tensors) args.emplace_back(*tensor);
     for (const ffi::Tensor& tensor : params) args.emplace_back(tensor);
     ffi::Any result;
     main_function->CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
@@ -448,6 +558,36 @@ struct detc_model {
     }
     results = std::move(flat);
     produced = std::move(shapes);
+  }
+
+  // The output of the last run named `name`, if it has that dtype and rank.
+  const ffi::Tensor* Produced(const std::string& name, const std::string& dtype, int ndim) const {
+    for (size_t k = 0; k < results.size() && k < produced.size(); ++k) {
+      if (produced[k].name == name) {
+        bool fits = produced[k].dtype_name == dtype &&
+                    static_cast<int>(produced[k].shape.size()) == ndim;
+        return fits ? &results[k] : nullptr;
+      }
+    }
+    return nullptr;
+  }
+
+  static const void* Data(const ffi::Tensor& tensor) {
+    const DLTensor& view = *tensor.GetDLTensorPtr();
+    return static_cast<const char*>(view.data) + view.byte_offset;
+  }
+
+  std::string DescribeInputs() const {
+    std::string text;
+    for (const TensorDesc& input : inputs) {
+      text += (text.empty() ? "" : ", ") + input.name + " " + input.dtype_name + " [";
+      for (size_t d = 0; d < input.shape.size(); ++d) {
+        text += (d ? ", " : "") +
+                (input.shape[d] < 0 ? std::string("?") : std::to_string(input.shape[d]));
+      }
+      text += "]";
+    }
+    return text.empty() ? "no inputs" : text;
   }
 };
 
@@ -537,6 +677,43 @@ detc_status detc_output_data(const detc_model* model, int index, const void** da
     *data = static_cast<const char*>(tensor.data) + tensor.byte_offset;
     *bytes = ffi::GetDataSize(tensor);
   });
+}
+
+int detc_runtime_api_version(void) { return DETC_RUNTIME_API_VERSION; }
+
+detc_status detc_run_image(detc_model* model, const uint8_t* rgb, int height, int width) {
+  return Guarded([&] {
+    if (model == nullptr) throw Failure(DETC_ERROR_BAD_ARGUMENT, "detc_run_image needs a model");
+    model->RunImage(rgb, height, width);
+  });
+}
+
+detc_status detc_detections(detc_model* model, const detc_detection** out, int* count) {
+  return Guarded([&] {
+    if (model == nullptr || out == nullptr || count == nullptr) {
+      throw Failure(DETC_ERROR_BAD_ARGUMENT, "detc_detections needs a model, out and count");
+    }
+    *out = nullptr;
+    *count = 0;
+    if (model->results.empty()) {
+      throw Failure(DETC_ERROR_BAD_ARGUMENT,
+                    "no outputs yet: call detc_run_image (or detc_run) first");
+    }
+    model->ReadDetections();
+    *out = model->detections.data();
+    *count = static_cast<int>(model->detections.size());
+  });
+}
+
+int detc_num_classes(const detc_model* model) {
+  return model == nullptr ? 0 : static_cast<int>(model->class_names.size());
+}
+
+const char* detc_class_name(const detc_model* model, int class_id) {
+  if (model == nullptr || class_id < 0 || class_id >= static_cast<int>(model->class_names.size())) {
+    return nullptr;
+  }
+  return model->class_names[class_id].c_str();
 }
 
 }  // extern "C"

@@ -14,6 +14,15 @@
  *   detc_output_data(model, 0, &data, &bytes);      // valid until the next run or close
  *   detc_close(model);
  *
+ * Bundles compiled with `detc compile --with-preprocess --with-nms` take an image and give
+ * detections (boxes in the image's pixels):
+ *
+ *   detc_run_image(model, rgb, height, width);      // uint8 RGB, row-major HWC, any size
+ *   const detc_detection* found; int count;
+ *   detc_detections(model, &found, &count);         // valid until the next run or close
+ *   for (int i = 0; i < count; ++i) printf("class %d score %.2f\n", found[i].class_id,
+ *                                          found[i].score);
+ *
  * detc_open checks every file of the bundle against its SHA256SUMS before loading anything.
  * A model handle is not thread-safe: use one handle per thread. The number of worker threads
  * TVM's kernels use comes from the TVM_NUM_THREADS environment variable (default: all cores).
@@ -34,7 +43,9 @@
 extern "C" {
 #endif
 
-#define DETC_RUNTIME_API_VERSION 1
+/* 2: detc_run_image, detc_detections, detc_num_classes, detc_class_name,
+ *    detc_runtime_api_version (every version-1 call is unchanged) */
+#define DETC_RUNTIME_API_VERSION 2
 
 typedef enum {
   DETC_OK = 0,
@@ -42,7 +53,8 @@ typedef enum {
   DETC_ERROR_BAD_BUNDLE = 1,
   /* a file of the bundle does not match its SHA256SUMS entry (corrupt or replaced) */
   DETC_ERROR_INTEGRITY = 2,
-  /* a wrong index, input count or input size */
+  /* a wrong index, input count or input size, or a call the model's compiled-in stages do not
+   * support (detc_last_error names the detc compile flag that adds them) */
   DETC_ERROR_BAD_ARGUMENT = 3,
   /* the model failed while loading or running */
   DETC_ERROR_RUNTIME = 4
@@ -50,12 +62,23 @@ typedef enum {
 
 typedef struct detc_model detc_model;
 
+/* One detection of a --with-nms model. */
+typedef struct {
+  /* x1, y1, x2, y2: pixels of the image given to detc_run_image (of the model's input when the
+   * model was compiled without --with-preprocess) */
+  float box[4];
+  float score;
+  /* 0 .. detc_num_classes() - 1, the order of the model spec's class names */
+  int class_id;
+} detc_detection;
+
 typedef struct {
   const char* name;
   /* "float32", "float16", "int8", "uint8", "int32", "int64", "bool", ... */
   const char* dtype;
   int ndim;
-  /* -1 for a dimension known only after a run (outputs of dynamic shape) */
+  /* -1 for a dimension known only after a run (outputs of dynamic shape), or free (the image
+   * input of a --with-preprocess model: any height and width) */
   const int64_t* shape;
   /* bytes of one tensor of this shape; 0 while a dimension is unknown */
   size_t bytes;
@@ -87,6 +110,29 @@ DETC_API detc_status detc_run(detc_model* model, const void* const* inputs,
 /* Output `index` of the last run (row-major, its dtype). Valid until the next run or close. */
 DETC_API detc_status detc_output_data(const detc_model* model, int index, const void** data,
                                       size_t* bytes);
+
+/* ---- version 2 -------------------------------------------------------------------------- */
+
+/* The DETC_RUNTIME_API_VERSION this library was built with (compare with the header's). */
+DETC_API int detc_runtime_api_version(void);
+
+/* Run once on an image: `rgb` holds height * width * 3 bytes, RGB, row-major (HWC), uint8.
+ * The model must take one uint8 (height, width, 3) input: any size when compiled with
+ * `detc compile --with-preprocess`, else exactly its input's size. The image is copied. */
+DETC_API detc_status detc_run_image(detc_model* model, const uint8_t* rgb, int height,
+                                    int width);
+
+/* The detections of the last run, best first (the model's NMS order): `*out` points at `*count`
+ * entries, valid until the next run or close. Only for models compiled with `--with-nms`
+ * (outputs boxes, scores, classes, count); DETC_ERROR_BAD_ARGUMENT otherwise. */
+DETC_API detc_status detc_detections(detc_model* model, const detc_detection** out, int* count);
+
+/* The number of class names the bundle carries (from the model spec; 0 when none). */
+DETC_API int detc_num_classes(const detc_model* model);
+
+/* The name of class `class_id`, or NULL when the bundle names no such class. Valid until
+ * detc_close. */
+DETC_API const char* detc_class_name(const detc_model* model, int class_id);
 
 #ifdef __cplusplus
 }
