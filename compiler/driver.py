@@ -225,6 +225,8 @@ def compile_model(
     on_pass: Callable[[PassRecord], None] | None = None,
     progress: bool = True,
     target_options: Mapping[str, Any] | None = None,
+    with_preprocess: bool = False,
+    with_nms: bool = False,
 ) -> CompileResult:
     """Compile a model for ``target`` into an artifact directory (written atomically).
 
@@ -236,9 +238,10 @@ def compile_model(
     from detc.targets import build_artifact, resolve_target
     from detc.targets.artifact import SOURCE_REFERENCE_FILE, check_output_location
 
-    resolve_target(target)  # a misspelt target fails now, not after minutes of passes
+    chosen = resolve_target(target)  # a misspelt target fails now, not after minutes of passes
     check_output_location(Path(out_dir))  # so does an -o the build could not write
     loaded = _as_loaded(source, input_shapes)
+    prepost = _prepost_request(loaded, model_spec, chosen, with_preprocess, with_nms)
     reference = _float_reference(loaded)
     extra_files = {SOURCE_REFERENCE_FILE: reference}
     loaded, run = optimize(
@@ -283,10 +286,50 @@ def compile_model(
             progress=progress,
             extra_files=extra_files,
             **dict(target_options or {}),
+            **({"prepost": prepost} if prepost is not None else {}),
         )
     except DetcError as err:
         raise _naming_the_model(err, loaded.path) from err
     return CompileResult(manifest, run, Path(out_dir))
+
+
+def _prepost_request(
+    loaded: LoadedModel, model_spec: Any, target: Any, preprocess: bool, nms: bool
+) -> Any:
+    """What --with-preprocess / --with-nms ask of the build (None: neither), checked before any
+    pass runs: a CPU target, a model spec (given, or inferred from the model), and for NMS one of
+    the decoders detc compiles."""
+    if not (preprocess or nms):
+        return None
+    from detc.compiler.detection.spec import ModelSpec, spec_from_onnx
+    from detc.targets.context import PrepostRequest
+    from detc.targets.prepost.detect import FAMILIES
+
+    flags = " and ".join(
+        f for f, on in (("--with-preprocess", preprocess), ("--with-nms", nms)) if on
+    )
+    if target.device_kind != "cpu":
+        raise BadInputError(
+            f"{flags}: target {target.name} is not supported (compiled pre/post-processing runs "
+            "on the CPU targets x86 and arm); decode on the host with detc's Python path instead"
+        )
+    spec = model_spec
+    if spec is None:
+        try:
+            spec = spec_from_onnx(ir.serde.serialize_model(loaded.model))
+        except BadInputError as err:
+            raise BadInputError(
+                f"{flags} needs the model's preprocessing and decoder, and none can be inferred "
+                f"({err}): give --spec FILE"
+            ) from None
+    elif not isinstance(spec, ModelSpec):
+        spec = ModelSpec.from_dict(dict(spec))
+    if nms and spec.decoder not in FAMILIES:
+        raise BadInputError(
+            f"--with-nms compiles the built-in decoders ({', '.join(FAMILIES)}); the spec's "
+            f"decoder is {spec.decoder!r}: drop --with-nms and decode in Python"
+        )
+    return PrepostRequest(preprocess=preprocess, nms=nms, spec=spec)
 
 
 def _float_reference(loaded: LoadedModel) -> bytes:
@@ -332,7 +375,21 @@ def _naming_the_model(err: DetcError, path: Path | None) -> DetcError:
 
 
 def load(out_dir: str | os.PathLike[str], *, num_threads: int | None = None) -> Any:
-    """A compiled artifact as a Python callable: ``load(OUT)(images=array) -> {name: array}``."""
+    """A compiled artifact as a Python callable: ``load(OUT)(images=array) -> {name: array}``.
+
+    A bundle (``detc package``'s folder) loads through its own C library, without TVM's
+    compiler: :class:`detc.targets.bundle.loader.BundleModel` (also ``.detect(rgb)``); its
+    threads come from TVM_NUM_THREADS.
+    """
+    from detc.targets.bundle.package import BUNDLE_FILE
+
+    if (Path(out_dir) / BUNDLE_FILE).is_file():
+        from detc.targets.bundle.loader import BundleError, BundleModel
+
+        try:
+            return BundleModel(out_dir)
+        except BundleError as err:
+            raise BadInputError(str(err)) from None
     from detc.targets import load_artifact
 
     return load_artifact(Path(out_dir), num_threads=num_threads)

@@ -42,7 +42,13 @@ import onnx
 
 from detc.compiler.errors import BadInputError
 from detc.compiler.fileio import replace_directory, write_text_atomically
-from detc.targets.context import LIBRARY_FILE, MANIFEST_FILE, PARAMS_FILE, BuildContext
+from detc.targets.context import (
+    LIBRARY_FILE,
+    MANIFEST_FILE,
+    PARAMS_FILE,
+    BuildContext,
+    PrepostRequest,
+)
 from detc.targets.manifest import (
     CALLING_CONVENTIONS,
     FORMAT,
@@ -77,6 +83,7 @@ OWNED_FIELDS = frozenset(
         "versions",
         "library_sha256",
         "built_at",
+        "prepost",
     }
 )
 QUANTIZED_REFERENCE_FILE = "reference_qdq.onnx"
@@ -284,6 +291,20 @@ def _manifest_build_date() -> str | None:
     return moment.isoformat(timespec="seconds")
 
 
+def _check_prepost_target(name: str, device_kind: str, prepost: PrepostRequest) -> None:
+    """The compiled pre/post-processing is CPU code (serial NMS, parallel letterbox loops)."""
+    if device_kind != "cpu":
+        flags = [
+            f
+            for f, on in (("--with-preprocess", prepost.preprocess), ("--with-nms", prepost.nms))
+            if on
+        ]
+        raise BadInputError(
+            f"{' and '.join(flags)}: target {name} is not supported (compiled pre/post-processing "
+            "runs on CPU targets: x86, arm); decode on the host with detc's Python path instead"
+        )
+
+
 def build_artifact(
     model: onnx.ModelProto,
     target: str,
@@ -296,6 +317,7 @@ def build_artifact(
     tuning: TuningOptions | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     precision: str | None = None,
+    prepost: PrepostRequest | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target`` ("x86", "x86:<mcpu>", …) into the directory ``out_dir``.
 
@@ -310,6 +332,8 @@ def build_artifact(
     artifact with the rest, under the same all-or-nothing rename.
     ``precision`` ("fp16", ...: one of the target's ``precisions``) asks for that arithmetic;
     None computes as the model is.
+    ``prepost`` compiles letterbox/normalisation and/or decode + NMS around the network (the
+    manifest then says so under ``prepost``, and its inputs/outputs are the wrapped ones).
     """
     clash = OWNED_FIELDS & set(manifest_fields)
     if clash:
@@ -325,6 +349,8 @@ def build_artifact(
         raise BadInputError(
             f"target {chosen.name} offers precision {', '.join(chosen.precisions)}, not {precision}"
         )
+    if prepost is not None:
+        _check_prepost_target(chosen.name, chosen.device_kind, prepost)
     chosen.check_toolchain()
     threads = num_threads if num_threads is not None else chosen.default_num_threads()
     if threads < 1:
@@ -358,10 +384,17 @@ def build_artifact(
             tuning=tuning,
             pipeline=chosen.pipeline_for(tuning),
             precision=precision,
+            prepost=prepost,
         )
-        run_phases(chosen, context)
         inputs, outputs = graph_io(model)
-        if len(inputs) != context.num_inputs:
+        network_inputs = len(inputs)
+        run_phases(chosen, context)
+        if prepost is not None:
+            from detc.targets.prepost.wrap import prepost_io
+
+            inputs, outputs = prepost_io(prepost, inputs, outputs)
+            network_inputs = 1
+        if network_inputs != context.num_inputs:
             raise BadInputError(
                 f"the model lists {len(inputs)} graph inputs but TVM imported "
                 f"{context.num_inputs}; check the model's inputs and initializers"
@@ -394,6 +427,8 @@ def build_artifact(
             "library_sha256": sha256_of(staging / LIBRARY_FILE),
             **manifest_fields,
         }
+        if prepost is not None:
+            manifest["prepost"] = prepost.manifest_entry()
         built_at = _manifest_build_date()
         if built_at is not None:
             manifest["built_at"] = built_at

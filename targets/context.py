@@ -20,12 +20,36 @@ from detc.targets.tuning.options import TuningOptions
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.npz"
-PHASE_NAMES = ("import", "legalize", "tune", "build", "export")
+PHASE_NAMES = ("import", "legalize", "tune", "prepost", "build", "export")
+#: the image input of an artifact with compiled preprocessing: height, width free, RGB
+IMAGE_INPUT_SHAPE = ("h", "w", 3)
+#: the phase that wraps the network in compiled pre/post-processing (only when asked for)
+PREPOST_PHASE = "prepost"
 
 
 def param_key(index: int) -> str:
     """Key of the ``index``-th parameter (in ``main``'s order after the inputs) in params.npz."""
     return f"p{index:05d}"
+
+
+@dataclass(frozen=True)
+class PrepostRequest:
+    """What ``--with-preprocess`` / ``--with-nms`` ask a build to compile around the network,
+    and the model spec (a ``detc.compiler.detection.spec.ModelSpec``) that says how."""
+
+    preprocess: bool
+    nms: bool
+    spec: Any
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's ``prepost`` key (the contract of issue #20)."""
+        height, width = self.spec.input_size
+        return {
+            "preprocess": self.preprocess,
+            "nms": self.nms,
+            "max_detections": int(self.spec.max_detections),
+            "input_size": [int(height), int(width)],
+        }
 
 
 @dataclass
@@ -50,6 +74,8 @@ class BuildContext:
     executable: Any = None  # relax.Executable, from build on
     #: seconds of the --tune-minutes budget spent searching before the tune phase (int8 tiles)
     searched_seconds: float = 0.0
+    #: compiled pre/post-processing around the network (None: the network alone)
+    prepost: PrepostRequest | None = None
     #: manifest entries the phases own ("tuning", "precision", ...)
     manifest: dict[str, Any] = field(default_factory=dict)
     #: (phase name, seconds, summary) for every phase that ran

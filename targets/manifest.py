@@ -30,7 +30,13 @@ import numpy as np
 from detc.compiler.errors import BadInputError
 from detc.compiler.fileio import file_sha256 as sha256_of
 from detc.compiler.reference import TensorSpec
-from detc.targets.context import LIBRARY_FILE, MANIFEST_FILE, PARAMS_FILE, param_key
+from detc.targets.context import (
+    IMAGE_INPUT_SHAPE,
+    LIBRARY_FILE,
+    MANIFEST_FILE,
+    PARAMS_FILE,
+    param_key,
+)
 from detc.targets.target import Target, resolve_target
 
 FORMAT = "detc-artifact"
@@ -84,9 +90,13 @@ def _dtype(value: object, path: Path, what: str) -> np.dtype:
     return dtype
 
 
-def _tensor_specs(values: Any, what: str, path: Path) -> tuple[TensorSpec, ...]:
+def _tensor_specs(
+    values: Any, what: str, path: Path, *, image_input: bool = False
+) -> tuple[TensorSpec, ...]:
     """The manifest's ``inputs`` / ``outputs``. An input's dimensions are whole sizes of at least
-    1 (an artifact is compiled for one shape); an output's may also be symbolic."""
+    1 (an artifact is compiled for one shape); an output's may also be symbolic. The one
+    exception: the image input of an artifact with compiled preprocessing (``image_input``),
+    whose height and width are the free sizes ``"h"`` and ``"w"``."""
     if not isinstance(values, list) or not all(
         isinstance(v, dict) and {"name", "shape", "dtype"} <= set(v) for v in values
     ):
@@ -98,6 +108,8 @@ def _tensor_specs(values: Any, what: str, path: Path) -> tuple[TensorSpec, ...]:
             raise _malformed(path, f"'{what}' entry ({str(name)[:40]!r})")
         fixed = all(_is_int(d) and d >= 1 for d in shape)
         loose = all((_is_int(d) and d >= 0) or d is None or isinstance(d, str) for d in shape)
+        if image_input:
+            fixed = shape == list(IMAGE_INPUT_SHAPE) and value["dtype"] == "uint8"
         if not (fixed if what == "inputs" else loose):
             raise _malformed(path, f"shape for '{name}' ({str(shape)[:60]})")
         _dtype(value["dtype"], path, f"'{what}' entry '{name}'")
@@ -106,7 +118,11 @@ def _tensor_specs(values: Any, what: str, path: Path) -> tuple[TensorSpec, ...]:
 
 
 def _check_input_bytes(inputs: tuple[TensorSpec, ...], path: Path) -> None:
-    total = sum(tensor_bytes(spec.shape, np.dtype(spec.dtype)) for spec in inputs)
+    total = sum(
+        tensor_bytes(spec.shape, np.dtype(spec.dtype))
+        for spec in inputs
+        if all(_is_int(d) for d in spec.shape)  # an image of any size is checked when run
+    )
     if total > MAX_INPUT_BYTES:
         raise BadInputError(
             f"{path}: the inputs take {total:,} bytes, over detc's {MAX_INPUT_BYTES:,}-byte "
@@ -159,6 +175,16 @@ def _named_files(document: Mapping[str, Any], path: Path) -> dict[str, tuple[str
 
 
 @dataclass(frozen=True)
+class PrepostEntry:
+    """The manifest's ``prepost``: which stages the library does around the network."""
+
+    preprocess: bool  # takes a uint8 (h, w, 3) RGB image of any size
+    nms: bool  # returns boxes, scores, classes, count
+    max_detections: int
+    input_size: tuple[int, int]  # the network's (H, W)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """manifest.json, parsed and checked: what every reader of an artifact relies on."""
 
@@ -178,6 +204,8 @@ class Manifest:
     #: every other field as written (tuning, precision, build, versions, the caller's fields)
     other: Mapping[str, Any]
     document: Mapping[str, Any] = field(repr=False, compare=False)
+    #: compiled pre/post-processing (None: the library is the network alone)
+    prepost: PrepostEntry | None = None
 
     @classmethod
     def parse(cls, document: object, path: Path) -> Manifest:
@@ -213,9 +241,11 @@ class Manifest:
             raise BadInputError(
                 f"{path}: unknown calling_convention {convention!r}; re-run detc compile"
             )
-        inputs = _tensor_specs(document["inputs"], "inputs", path)
+        prepost = _prepost(document, path)
+        image_input = prepost is not None and prepost.preprocess
+        inputs = _tensor_specs(document["inputs"], "inputs", path, image_input=image_input)
         _check_input_bytes(inputs, path)
-        typed = {"format", "format_version", *_REQUIRED_FIELDS}
+        typed = {"format", "format_version", "prepost", *_REQUIRED_FIELDS}
         return cls(
             path=path,
             format=FORMAT,
@@ -231,6 +261,7 @@ class Manifest:
             files=_named_files(document, path),
             other={k: v for k, v in document.items() if k not in typed},
             document=document,
+            prepost=prepost,
         )
 
     @property
@@ -450,6 +481,31 @@ class Artifact:
             raise BadInputError(
                 f"{path} is unreadable or corrupt ({err}); re-run detc compile"
             ) from err
+
+
+def _prepost(document: Mapping[str, Any], path: Path) -> PrepostEntry | None:
+    """The manifest's ``prepost`` key (compiled pre/post-processing), checked; None without."""
+    entry = document.get("prepost")
+    if entry is None:
+        return None
+    size = entry.get("input_size") if isinstance(entry, dict) else None
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("preprocess"), bool)
+        and isinstance(entry.get("nms"), bool)
+        and _is_int(entry.get("max_detections"))
+        and entry["max_detections"] >= 1
+        and isinstance(size, list)
+        and len(size) == 2
+        and all(_is_int(d) and d >= 1 for d in size)
+    ):
+        raise _malformed(path, "'prepost'")
+    return PrepostEntry(
+        preprocess=entry["preprocess"],
+        nms=entry["nms"],
+        max_detections=entry["max_detections"],
+        input_size=(size[0], size[1]),
+    )
 
 
 #: manifests detc writes are a few kB (a big int8 model's kept-float list: tens of kB)

@@ -1,5 +1,9 @@
 """Load an artifact directory and run it: ``load_artifact(dir)(images=x)`` → {output name: array}.
 
+An artifact compiled ``--with-preprocess`` takes ``image=``: a uint8 RGB (h, w, 3) array of any
+size (its manifest records the shape as ``["h", "w", 3]``); ``--with-nms`` ones return
+``boxes``, ``scores``, ``classes`` and ``count`` (rows past ``count`` are zero).
+
 Threads: TVM's CPU thread pool is per calling thread, sized once when first used, from
 ``TVM_NUM_THREADS`` (else *half* the logical CPUs on x86, assuming hyper-threading: 1 thread on
 a 2-core VM without it). So detc sets ``TVM_NUM_THREADS`` to at least the logical CPU count
@@ -21,7 +25,7 @@ import numpy as np
 
 from detc.compiler.errors import BadInputError, DetcError
 from detc.targets.cpu import detect_host_cpu, host_machine, library_machine, missing_flags
-from detc.targets.manifest import Artifact, contiguous
+from detc.targets.manifest import MAX_INPUT_BYTES, Artifact, contiguous
 
 __all__ = [
     "CompiledModel",
@@ -130,6 +134,12 @@ class CompiledModel:
                     f"input '{spec['name']}' has shape {list(array.shape)}, the model expects "
                     f"{shape}"
                 )
+            if array.nbytes > MAX_INPUT_BYTES or 0 in array.shape:
+                # the image of an artifact with compiled preprocessing is of any size
+                raise BadInputError(
+                    f"input '{spec['name']}' has shape {list(array.shape)}: give a non-empty "
+                    f"image of at most {MAX_INPUT_BYTES:,} bytes"
+                )
             arguments.append(self._device_input(spec["name"], contiguous(array)))
         if self.manifest["calling_convention"] == "inputs+params":
             arguments.extend(self._params)
@@ -141,7 +151,9 @@ class CompiledModel:
         (a 640x640 image costs ~1 ms to allocate and copy each run; ~4 % of yolov5n)."""
         import tvm
 
-        if self._on_host and array.ctypes.data % _TVM_ALIGNMENT == 0:
+        # a read-only array (an image decoded by Pillow) cannot be shared through DLPack
+        shareable = array.flags.writeable and array.ctypes.data % _TVM_ALIGNMENT == 0
+        if self._on_host and shareable:
             return tvm.runtime.from_dlpack(array)
         staging = self._staging.get(name)
         if staging is None or tuple(staging.shape) != array.shape:

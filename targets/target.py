@@ -1,6 +1,6 @@
 """A target is a named sequence of phases that turns an ONNX model into a loadable library.
 
-    import → legalize → tune → build → export
+    import → legalize → tune → [prepost] → build → export
 
 * **import**   ONNX → Relax (``from_onnx(keep_params_in_input=True)`` + ``detach_params``); float16
                graphs are computed in float32 where the target asks for it (``promote_float16``).
@@ -9,6 +9,8 @@
                ``untuned``; with :class:`~detc.targets.tuning.options.TuningOptions`
                (``ctx.tuning``) it applies the tuning database and, with ``tune=True``, searches
                for what it lacks (:mod:`detc.targets.tuning.phase`).
+* **prepost**  only with ``--with-preprocess`` / ``--with-nms`` (``ctx.prepost``): wraps the
+               tuned network in compiled letterbox / decode + NMS (:mod:`detc.targets.prepost`).
 * **build**    ``tvm.compile`` to a Relax VM executable for :meth:`Target.tvm_target_json`.
 * **export**   the shared library (``export_library``, with :meth:`Target.export_options`, e.g. a
                cross compiler) and the parameters file, into the staging directory.
@@ -67,11 +69,18 @@ import numpy as np
 import onnx
 
 from detc.compiler.errors import BadInputError, DetcError, UnsupportedModelError
-from detc.targets.context import LIBRARY_FILE, PARAMS_FILE, BuildContext, Phase, param_key
+from detc.targets.context import (
+    LIBRARY_FILE,
+    PARAMS_FILE,
+    PREPOST_PHASE,
+    BuildContext,
+    Phase,
+    param_key,
+)
 from detc.targets.precision import promote_float16_to_float32
 from detc.targets.tuning.options import TuningOptions
 from detc.targets.tuning.phase import tune_phase
-from detc.targets.tuning.tasks import count_unscheduled
+from detc.targets.tuning.tasks import TemplateTiles, count_unscheduled
 
 logger = logging.getLogger("detc.targets")
 
@@ -181,6 +190,12 @@ class Target(ABC):
 
     def fallback_pipeline(self, pipeline: str | None) -> str | None:
         """The pipeline to rebuild with when ``pipeline``, chosen by default, fails (None: none)."""
+        return None
+
+    def conv_template_tiles(self) -> TemplateTiles | None:
+        """The default tiles of detc's convolution template for this target's registers
+        (``(out_blocks, out_h, out_w) -> {"oc_tile", "oh_tile", "ow_tile"}``); None: the
+        AVX-512 defaults."""
         return None
 
     def default_tuning(self) -> TuningOptions | None:
@@ -342,7 +357,10 @@ def run_phases(target: Target, ctx: BuildContext, only: tuple[str, ...] | None =
 def _run_pipeline(
     target: Target, ctx: BuildContext, only: tuple[str, ...] | None, *, quiet_failures: bool
 ) -> None:
-    for phase in target.phases(ctx.pipeline):
+    phases = target.phases(ctx.pipeline)
+    if ctx.prepost is not None:
+        phases = _with_prepost_phase(phases, ctx)
+    for phase in phases:
         if only is not None and phase.name not in only:
             continue
         start = time.perf_counter()
@@ -360,6 +378,18 @@ def _run_pipeline(
         seconds = time.perf_counter() - start
         ctx.timings.append((phase.name, seconds, summary))
         ctx.progress(f"{target.name} {phase.name}: {summary} ({seconds:.1f} s)")
+
+
+def _with_prepost_phase(phases: list[Phase], ctx: BuildContext) -> list[Phase]:
+    """``phases`` with the prepost phase (:mod:`detc.targets.prepost.wrap`) just before build:
+    after legalize and tune, which must see the network alone."""
+    from detc.targets.prepost.wrap import wrap_network
+
+    output_names = [value.name for value in ctx.model.graph.output]
+    prepost = Phase(PREPOST_PHASE, lambda context: wrap_network(context, output_names))
+    names = [phase.name for phase in phases]
+    at = names.index("build") if "build" in names else len(phases)
+    return [*phases[:at], prepost, *phases[at:]]
 
 
 @contextlib.contextmanager

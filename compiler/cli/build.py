@@ -159,6 +159,21 @@ def opt_cmd(
     help="Search schedules for the kernels the tuning database lacks (budgets below).",
 )
 @tuning_options
+@click.option(
+    "--with-preprocess",
+    is_flag=True,
+    help="Compile the model spec's preprocessing into the library: it then takes a uint8 "
+    "RGB image (h, w, 3) of any size and letterboxes/resizes it (bilinear, as Pillow), orders "
+    "the channels and normalises as --spec says (x86, arm).",
+)
+@click.option(
+    "--with-nms",
+    is_flag=True,
+    help="Compile the spec's decoder (yolov5, yolov8, yolox, yolox-logits, demo) and class-aware "
+    "NMS into the library: it then returns boxes (M,4) x1,y1,x2,y2, scores (M), classes (M), "
+    "count (1), M = max_detections; boxes in original-image pixels with --with-preprocess, "
+    "else model-input pixels (x86, arm).",
+)
 def compile_cmd(
     model: Path,
     target: str,
@@ -181,6 +196,8 @@ def compile_cmd(
     tuning_db: Path | None,
     tune_rpc_tracker: str | None,
     tune_rpc_key: str | None,
+    with_preprocess: bool,
+    with_nms: bool,
 ) -> None:
     """Compile MODEL for a target into the artifact folder -o.
 
@@ -194,6 +211,11 @@ def compile_cmd(
     max_map_drop=1.0 to keep the most sensitive layers in float until the mAP
     drop on a COCO set (calib, or data=DIR) fits. The artifact then also holds
     reference_qdq.onnx and the budget, which `detc verify` holds it to.
+
+    \b
+    On the device: --with-preprocess --with-nms make the library take an
+    image and return detections (the spec's thresholds and max_detections;
+    `detc verify` checks them against the Python path).
     """
     from detc.compiler.driver import compile_model
     from detc.compiler.frontend import parse_input_shapes
@@ -235,6 +257,8 @@ def compile_cmd(
         on_pass=pass_printer(quiet),
         progress=not quiet,
         target_options=target_options or None,
+        with_preprocess=with_preprocess,
+        with_nms=with_nms,
     )
     if depfile is not None:
         from detc.compiler.depfile import compile_dependencies, write_depfile

@@ -30,6 +30,7 @@ from detc.compiler.verify.tensors import (
 if TYPE_CHECKING:
     from detc.compiler.detection.report import DetectionReport
     from detc.compiler.verify.detection import QuantizedDetectionReport
+    from detc.compiler.verify.prepost import PrepostVerification
 
 
 def source_model(manifest: Mapping[str, Any], artifact_dir: str | os.PathLike[str]) -> Path | None:
@@ -62,8 +63,9 @@ class VerificationReport:
 
     artifact: Path
     manifest: dict[str, Any]
-    #: float artifacts: against the float reference; int8: against the quantized reference
-    tensors: TensorReport | QuantizedTensorReport
+    #: float artifacts: against the float reference; int8: against the quantized reference;
+    #: compiled pre/post-processing: detections against the float reference path
+    tensors: TensorReport | QuantizedTensorReport | PrepostVerification
     #: the float model compared with (None: an int8 artifact whose float model is gone)
     reference: Path | None
     detection: DetectionReport | QuantizedDetectionReport | None = None
@@ -73,6 +75,8 @@ class VerificationReport:
     #: a pruned or factorized build: the graph its tensors are held to (kept in the artifact);
     #: ``reference`` is then the source model, for the mAP budget
     transformed_reference: Path | None = None
+    #: compiled pre/post-processing with a dataset: the per-image detection comparison
+    prepost_dataset: Any = None
 
     @property
     def approximate_passes(self) -> list[str]:
@@ -96,6 +100,12 @@ class VerificationReport:
     def tensor_lines(self) -> list[str]:
         """The tensor comparison as ``detc verify`` prints it (without ``--json``)."""
         tensors = self.tensors
+        if self.manifest.get("prepost"):
+            return [
+                f"reference {self.reference}, inputs: {tensors.inputs}",
+                tensors.table(),
+                *tensors.notes,
+            ]
         if isinstance(tensors, QuantizedTensorReport):
             lines = quantization_lines(tensors.quantization)
             lines.append(
@@ -116,6 +126,12 @@ class VerificationReport:
         """The detection comparison's table and where its report went (empty without one)."""
         if self.detection is None or self.report_dir is None:
             return []
+        if self.prepost_dataset is not None:
+            return [
+                self.detection.render_table(),
+                *self.prepost_dataset.lines(),
+                f"report: {self.report_dir / 'report.md'} (and report.json)",
+            ]
         written = "report.json, quantization.json" if self.quantization else "report.json"
         return [
             self.detection.render_table(),
@@ -180,6 +196,24 @@ def verify_artifact(
     if emulate and device is not None:
         raise BadInputError("--emulate and --device exclude each other: pick one place to run")
     report: VerificationReport
+    if manifest.get("prepost"):
+        return _verify_prepost(
+            artifact,
+            manifest,
+            reference=reference,
+            seed=seed,
+            runs=runs,
+            data=data,
+            decoder=decoder,
+            max_images=max_images,
+            max_map_drop=max_map_drop,
+            min_reference_map=min_reference_map,
+            report_dir=artifact / "report" if report_dir is None else Path(report_dir),
+            emulate=emulate,
+            device=device,
+            threads=threads,
+            on_tensors=on_tensors,
+        )
     if quantization_record(manifest) is not None:
         float_reference = Path(reference) if reference else source_model(manifest, artifact)
         if data is not None and float_reference is None:
@@ -335,3 +369,98 @@ def _transformed_reference(manifest: Mapping[str, Any], artifact: Path) -> Path 
     from detc.targets import Artifact
 
     return Artifact.open(artifact).checked_file("approximate.reference")
+
+
+#: mAP@[.5:.95] points by which compiled pre/post-processing may differ from the Python path
+#: when --max-map-drop does not say (issue #20: equal; this allows for TVM's float rounding)
+PREPOST_MAP_TOLERANCE = 0.1
+
+
+def _verify_prepost(
+    artifact: Path,
+    manifest: dict[str, Any],
+    *,
+    reference: str | os.PathLike[str] | None,
+    seed: int,
+    runs: int,
+    data: str | os.PathLike[str] | None,
+    decoder: str | None,
+    max_images: int | None,
+    max_map_drop: float | None,
+    min_reference_map: float,
+    report_dir: Path,
+    emulate: bool,
+    device: str | None,
+    threads: int | None,
+    on_tensors: Callable[[VerificationReport], None] | None,
+) -> VerificationReport:
+    """An artifact with compiled pre/post-processing: its detections against the float
+    reference path (:mod:`detc.compiler.verify.prepost`), on seeded synthetic images of varied
+    sizes, and with ``data`` on every image of the dataset (mAP both ways)."""
+    from detc.compiler.detection.datasets import CocoDataset
+    from detc.compiler.frontend import load_onnx_proto
+    from detc.compiler.reference import ort_session, run_session
+    from detc.compiler.verify.detection import _spec_for
+    from detc.compiler.verify.prepost import (
+        PrepostVerification,
+        evaluate_prepost_dataset,
+        run_prepost_images,
+        synthetic_images,
+    )
+    from detc.compiler.verify.runner import artifact_batch_runner
+
+    float_reference = Path(reference) if reference else default_reference(manifest, artifact)
+    proto, _ = load_onnx_proto(float_reference)
+    spec = _spec_for(manifest, proto, decoder)
+    session = ort_session(proto, threads=threads or 0)
+
+    def reference_runner(feeds: Any) -> dict[str, Any]:
+        return run_session(session, feeds)
+
+    candidate = artifact_batch_runner(artifact, emulate=emulate, device=device, num_threads=threads)
+    entry = dict(manifest["prepost"])
+    entry.setdefault("score_threshold", spec.score_threshold)
+    images = synthetic_images(spec, seed, 5 * max(runs, 1))
+    comparison = run_prepost_images(entry, spec, reference_runner, candidate, images)
+    checked = PrepostVerification(
+        comparison, inputs=f"{len(images)} seeded synthetic images of varied sizes (seed {seed})"
+    )
+    report = VerificationReport(artifact, manifest, checked, float_reference)
+    if not checked.ok:
+        report.failures.append(
+            f"detections disagree with the float reference path on "
+            f"{len(comparison.mismatches)} of {len(images)} images"
+        )
+    if on_tensors is not None:
+        on_tensors(report)
+    if data is None:
+        return report
+    dataset = CocoDataset(Path(data), spec)
+    label = "detc (emulated: numerics only)" if emulate else "detc"
+    detection, strict = evaluate_prepost_dataset(
+        entry,
+        spec,
+        reference_runner,
+        candidate,
+        dataset,
+        max_images=max_images,
+        reference_label="onnxruntime + Python pre/post",
+        candidate_label=f"{label} (compiled)",
+    )
+    detection.write(report_dir)
+    report.detection, report.report_dir = detection, report_dir
+    report.failures += _reference_finds_objects(detection, Path(data), min_reference_map)
+    if strict.mismatches:
+        report.failures.append(
+            f"detections disagree with the float reference path on {len(strict.mismatches)} "
+            f"of {len(strict.images)} images of {data} (first: {strict.mismatches[0].describe()})"
+        )
+    budget = PREPOST_MAP_TOLERANCE if max_map_drop is None else max_map_drop
+    drop = detection.map_drop
+    if drop is not None and abs(drop) > budget:
+        report.failures.append(
+            f"mAP@[.5:.95] differs from the Python path by {drop:.2f} points (> {budget:g}; "
+            "--max-map-drop sets the budget)"
+        )
+    report.prepost_dataset = strict
+    return report
