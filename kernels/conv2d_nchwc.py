@@ -299,3 +299,22 @@ def square_tiles(out_blocks: int, out_w: int) -> dict[str, int]:
         "oh_tile": 2,
         "ow_tile": largest_divisor_at_most(out_w, 8 // oc_tile),
     }
+
+
+def register_tiles(
+    out_blocks: int, out_h: int, out_w: int, *, vectors_per_block: int, accumulators: int
+) -> dict[str, int]:
+    """Default tiles for a CPU whose output-channel block spans ``vectors_per_block`` vector
+    registers and which can keep ``accumulators`` of them as accumulators (NEON: 32 registers,
+    a few left for the weight vectors and the input values they multiply).
+
+    As many output-channel blocks as leave room for two pixels (each loaded weight vector then
+    feeds ``oh_tile × ow_tile`` FMAs), then as many pixels along W as the remaining accumulators
+    hold (each loaded input value feeds ``oc_tile × vectors_per_block`` FMAs), then rows where
+    the width has no fitting divisor (a 13-pixel map would otherwise get a one-pixel tile)."""
+    per_pixel_cap = max(1, accumulators // (2 * vectors_per_block))
+    oc_tile = largest_divisor_at_most(out_blocks, min(MAX_OC_TILE, per_pixel_cap))
+    pixels = max(1, accumulators // (oc_tile * vectors_per_block))
+    ow_tile = largest_divisor_at_most(out_w, min(MAX_OW_TILE, pixels))
+    oh_tile = largest_divisor_at_most(out_h, min(MAX_OH_TILE, pixels // ow_tile))
+    return {"oc_tile": oc_tile, "oh_tile": oh_tile, "ow_tile": ow_tile}

@@ -1,5 +1,15 @@
 """ARM (aarch64 Linux) targets: named CPU presets, cross-compiled export, ELF check.
 
+Two pipelines, as on x86 (targets/x86/target.py):
+
+    blocked  the default: weights bound as constants, convolutions in the blocked NCHW[x]c
+             layout (targets/x86/layout.py) with the NEON register tiles of the convolution
+             template (kernels/conv2d_nchwc.py): 4-lane ``fmla`` on the innermost
+             output-channel axis; records of a tuning database (tuned on a board over RPC,
+             imported with ``detc tune --import-db``) replace the default tiles
+    plain    the imported graph with TVM's default schedules: the fallback when the blocked
+             layout cannot express a model (the build says so)
+
 A preset is a TVM target JSON dict for one core family. `mcpu` lets LLVM schedule and select
 instructions for that core; `mattr` spells out the ML-relevant features the core has (NEON,
 fp16 arithmetic, int8 dot product, int8 matrix multiply, bf16, SVE) so the target's
@@ -19,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from detc.compiler.errors import BadInputError, ToolchainMissingError
 from detc.compiler.fileio import write_file_atomically
+from detc.targets.blocked_cpu import BlockedCpuTarget
 from detc.targets.context import LIBRARY_FILE, BuildContext
 from detc.targets.remote.toolchain import (
     AARCH64_TRIPLE,
@@ -27,7 +38,8 @@ from detc.targets.remote.toolchain import (
     elf_machine,
     find_aarch64_cross_compiler,
 )
-from detc.targets.target import Target, TargetInfo, register_target
+from detc.targets.target import TargetInfo, register_target
+from detc.targets.tuning.tasks import TemplateTiles
 
 if TYPE_CHECKING:
     import tvm
@@ -42,6 +54,16 @@ class ArmPreset:
     mattr: tuple[str, ...]
     num_cores: int  # default thread count MetaSchedule tunes for; override per board
     description: str
+    #: output channels per block of the blocked layout: one 128-bit NEON register of float32
+    #: (a multiple of 4; 4 lets every 4k-channel convolution into the template)
+    channel_block: int = 4
+    #: NEON registers the template's default tiles keep as accumulators, of the 32 every
+    #: aarch64 core has. 16 (4 channel blocks × 4 pixels): LLVM unrolls the 4 input channels of
+    #: a block and keeps their input values in registers too; with 20 (4 × 5) it spilled two
+    #: accumulators per iteration of the main loop, with 16 none (instruction_mix.py counts
+    #: them). Same for every preset: no board here to measure per core; a tuning database
+    #: from a board replaces these defaults.
+    accumulator_registers: int = 16
 
     def tvm_target(self, *, num_cores: int | None = None) -> dict[str, object]:
         """The TVM target JSON dict (pass through ``tvm.target.Target(...)``, never bare)."""
@@ -52,6 +74,9 @@ class ArmPreset:
         target["num-cores"] = num_cores if num_cores is not None else self.num_cores
         return target
 
+
+#: float32 lanes of a NEON register
+NEON_LANES = 4
 
 _NEON = "+neon"
 _FP16 = "+fullfp16"  # half-precision vector arithmetic (Armv8.2-A FP16)
@@ -204,15 +229,21 @@ def assert_aarch64_elf(path: Path) -> None:
 
 
 @register_target
-class ArmTarget(Target):
+class ArmTarget(BlockedCpuTarget):
     """``arm`` / ``arm:<core>``: aarch64 Linux, linked with the cross compiler.
 
     Differs from the base target in its TVM target (a preset), in linking with the aarch64 cross
-    compiler, and in checking that the exported library really is an aarch64 ELF object.
+    compiler, in checking that the exported library really is an aarch64 ELF object, and in its
+    two pipelines (the module docstring): fp32 convolutions get the blocked NEON template by
+    default. The tune phase lists each convolution kernel's schedule; export reports the
+    library's static instruction mix (instruction_mix.py).
     """
 
     family = "arm"
     machine = "aarch64"
+    template_name = "NEON blocked template"
+    # no board to time it: the compile output is where a user sees each kernel's schedule
+    describe_each_kernel = True
 
     def __init__(self, preset: ArmPreset) -> None:
         super().__init__(preset.name)
@@ -250,23 +281,26 @@ class ArmTarget(Target):
             "runs_here": platform.machine().lower() in ("aarch64", "arm64"),
         }
 
-    def import_model(self, ctx: BuildContext) -> str:
-        summary = super().import_model(ctx)
-        from detc.targets.int8 import bind_quantization_params, has_quantized_ops
+    def channel_block(self) -> int:
+        return self.preset.channel_block
 
-        if has_quantized_ops(ctx.mod):
-            # The int8 lowering reads quantized weights, scales and zero points as constants.
-            ctx.mod, ctx.params = bind_quantization_params(ctx.mod, ctx.params, ctx.num_inputs)
-        return summary
+    def int8_lowering(self, ctx: BuildContext | None) -> Any:
+        return _int8_lowering()
 
-    def legalize_passes(self) -> list[Any]:
-        # First: FoldConstant would turn dequantize(W_q) into a float weight and hide the pattern.
-        # As on x86 (see its _int8_lowering); the kernel uses sdot where the preset has
-        # +dotprod, widening NEON multiplies elsewhere.
-        from detc.targets.int8 import lower_qdq_conv2d_to_int8
+    def conv_template_tiles(self) -> TemplateTiles:
+        return self._neon_tiles
 
-        lowering = lower_qdq_conv2d_to_int8(allow_approximate=True, float_outputs=True)
-        return [lowering, *super().legalize_passes()]
+    def _neon_tiles(self, out_blocks: int, out_h: int, out_w: int) -> dict[str, int]:
+        """Default tiles of the convolution template for this preset's NEON registers."""
+        from detc.kernels.conv2d_nchwc import register_tiles
+
+        return register_tiles(
+            out_blocks,
+            out_h,
+            out_w,
+            vectors_per_block=max(1, self.preset.channel_block // NEON_LANES),
+            accumulators=self.preset.accumulator_registers,
+        )
 
     def check_toolchain(self) -> None:
         find_aarch64_cross_compiler()
@@ -276,5 +310,18 @@ class ArmTarget(Target):
 
     def export(self, ctx: BuildContext) -> str:
         summary = super().export(ctx)
-        _require_aarch64_output(ctx.staging_dir / LIBRARY_FILE, find_aarch64_cross_compiler())
+        library = ctx.staging_dir / LIBRARY_FILE
+        _require_aarch64_output(library, find_aarch64_cross_compiler())
+        from detc.targets.arm.instruction_mix import instruction_mix_lines
+
+        for line in instruction_mix_lines(library, ctx.manifest["tuning"].get("conv_kernels", [])):
+            ctx.progress(line)
         return f"{summary}, aarch64 ELF"
+
+
+def _int8_lowering() -> Any:
+    """The QDQ → int8 kernel lowering as on x86 (see its ``_int8_lowering``); the kernel uses
+    sdot where the preset has +dotprod, widening NEON multiplies elsewhere."""
+    from detc.targets.int8 import lower_qdq_conv2d_to_int8
+
+    return lower_qdq_conv2d_to_int8(allow_approximate=True, float_outputs=True)

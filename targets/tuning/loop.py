@@ -40,6 +40,7 @@ from typing import Any
 from detc.targets.tuning.options import BatchReport, TuningOptions
 from detc.targets.tuning.tasks import (
     Task,
+    TemplateTiles,
     conv_signature,
     default_template_schedule,
     short_name,
@@ -272,6 +273,7 @@ class _Search:
         cross_compiler: str | None,
         report: Callable[[str], None],
         device_kind: str,
+        tiles_for: TemplateTiles | None = None,
     ) -> None:
         from tvm.s_tir import meta_schedule as ms
 
@@ -284,6 +286,7 @@ class _Search:
         self.num_threads = num_threads
         self.report = report
         self.device_kind = device_kind
+        self.tiles_for = tiles_for  # the target's default template tiles (None: AVX-512's)
         self.cost_model = ms.cost_model.XGBModel(
             num_tuning_cores=num_threads, num_warmup_samples=16, verbose_eval=0
         )
@@ -321,7 +324,7 @@ class _Search:
         )
 
         args_info = ms.arg_info.ArgInfo.from_prim_func(task.workload["main"])
-        default = default_template_schedule(task.workload)
+        default = default_template_schedule(task.workload, self.tiles_for)
         base = knobs_of(default.mod["main"]) or {}
         tiles = {k: base[k] for k in ("oc_tile", "oh_tile", "ow_tile") if k in base}
         choices = [(r, p, tiles) for r, p in VARIANTS]
@@ -499,6 +502,7 @@ def tune_tasks(
     *,
     cross_compiler: str | None = None,
     device_kind: str,
+    tiles_for: TemplateTiles | None = None,
 ) -> TuningOutcome:
     """Search schedules for the tasks the database lacks, within the options' budgets;
     candidates run on a ``device_kind`` device (TVM's name: "cpu", "cuda"), the target's."""
@@ -520,7 +524,7 @@ def tune_tasks(
     deadline = time.monotonic() + options.minutes * 60 if options.minutes is not None else math.inf
     started = time.monotonic()
     search = _Search(
-        todo, target, database, options, num_threads, cross_compiler, report, device_kind
+        todo, target, database, options, num_threads, cross_compiler, report, device_kind, tiles_for
     )
     report(
         f"tuning {len(todo)} task(s) ({len(tasks) - len(todo)} in the database): "

@@ -20,7 +20,7 @@ from detc.targets.context import BuildContext
 from detc.targets.cpu import detect_host_cpu, host_machine, missing_flags
 from detc.targets.tuning.database import TuningDatabase, default_database_dir
 from detc.targets.tuning.loop import tune_tasks
-from detc.targets.tuning.tasks import apply_schedules, extract_tasks
+from detc.targets.tuning.tasks import TemplateTiles, apply_schedules, extract_tasks
 
 
 class TunedTarget(Protocol):
@@ -36,6 +36,8 @@ class TunedTarget(Protocol):
     def device_kind(self) -> str: ...
 
     def export_options(self) -> dict[str, Any]: ...
+
+    def conv_template_tiles(self) -> TemplateTiles | None: ...
 
 
 def tune_phase(target: TunedTarget, ctx: BuildContext) -> str:
@@ -55,6 +57,8 @@ def tune_phase(target: TunedTarget, ctx: BuildContext) -> str:
     target_json = json.loads(str(ctx.tvm_target))
     database = TuningDatabase(options.database or default_database_dir(), target_json)
     tasks = extract_tasks(ctx.mod)
+    # a target whose vector registers differ from AVX-512's gives its own default tiles
+    tiles_for = target.conv_template_tiles()
     outcome = tune_tasks(
         tasks,
         ctx.tvm_target,
@@ -64,8 +68,9 @@ def tune_phase(target: TunedTarget, ctx: BuildContext) -> str:
         ctx.progress,
         cross_compiler=target.export_options().get("cc"),
         device_kind=target.device_kind,
+        tiles_for=tiles_for,
     )
-    ctx.mod, counts = apply_schedules(ctx.mod, tasks, database, ctx.tvm_target)
+    ctx.mod, counts = apply_schedules(ctx.mod, tasks, database, ctx.tvm_target, tiles_for)
     covered = [t.key for t in tasks if t.key in database.workloads_with_records()]
     ctx.manifest["tuning"] = {
         "tuned": counts["untuned_tasks"] == 0,
@@ -88,11 +93,17 @@ def tune_phase(target: TunedTarget, ctx: BuildContext) -> str:
     for line in outcome.table:
         ctx.progress(line)
     if counts["untuned_tasks"]:
+        # a cross target's candidates run on a board: say how to reach one
+        how = (
+            "run with --tune to search for them"
+            if target.machine == host_machine()
+            else f"search for them on a board ({target.machine}) with --tune --rpc-tracker "
+            "HOST:PORT --rpc-key KEY, or give a database tuned there with --tuning-db"
+        )
         ctx.warn(
             f"partly tuned build: {counts['untuned_tasks']} of {len(tasks)} kernels are not in "
             f"the tuning database ({counts['template_default']} use the convolution template's "
-            f"default tiles, {counts['unscheduled']} TVM's default schedules); "
-            "run with --tune to search for them"
+            f"default tiles, {counts['unscheduled']} TVM's default schedules); {how}"
         )
     return (
         f"{len(tasks) - counts['untuned_tasks']}/{len(tasks)} tasks from the database, "

@@ -10,6 +10,7 @@ apply      the best database schedule of each task replaces its functions; a con
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,8 @@ class Task:
         return self.flops / self.best_s / 1e9 if self.best_s and self.flops else None
 
 
-def _call_counts(mod: Any) -> Counter[str]:
+def call_counts(mod: Any) -> Counter[str]:
+    """How often the Relax functions of ``mod`` call each TIR function, by name."""
     from tvm import relax
 
     counts: Counter[str] = Counter()
@@ -63,7 +65,7 @@ def extract_tasks(mod: Any) -> list[Task]:
 
     from detc.kernels.conv2d_nchwc import has_conv2d_nchwc
 
-    counts = _call_counts(mod)
+    counts = call_counts(mod)
     by_key: dict[str, Task] = {}
     for gvar, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
@@ -112,8 +114,14 @@ def short_name(name: str, width: int = 40) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def default_template_schedule(workload: Any) -> Any:
-    """The template with default tiles (no search): the schedule of an untuned convolution."""
+#: a target's default tiles of the convolution template: (output-channel blocks, output height,
+#: output width) → {"oc_tile", "oh_tile", "ow_tile"}
+TemplateTiles = Callable[[int, int, int], dict[str, int]]
+
+
+def default_template_schedule(workload: Any, tiles_for: TemplateTiles | None = None) -> Any:
+    """The template with default tiles (no search): the schedule of an untuned convolution.
+    ``tiles_for`` gives a target's own defaults (None: the AVX-512 ones, ``default_tiles``)."""
     import tvm
 
     from detc.kernels.conv2d_nchwc import (
@@ -125,18 +133,27 @@ def default_template_schedule(workload: Any) -> Any:
     sch = tvm.s_tir.Schedule(workload)
     loops = sch.get_loops(find_conv_block(sch))
     out_blocks, out_h, out_w = (int(sch.get(loops[i]).extent) for i in (1, 2, 3))
+    tiles = (
+        default_tiles(out_blocks, out_w)
+        if tiles_for is None
+        else tiles_for(out_blocks, out_h, out_w)
+    )
     return schedule_conv2d_nchwc(
-        sch,
-        rows_outside=out_h * out_w >= 1600,
-        inline_pad=False,
-        tiles=default_tiles(out_blocks, out_w),
+        sch, rows_outside=out_h * out_w >= 1600, inline_pad=False, tiles=tiles
     )
 
 
-def apply_schedules(mod: Any, tasks: list[Task], database: Any, target: Any) -> tuple[Any, dict]:
+def apply_schedules(
+    mod: Any,
+    tasks: list[Task],
+    database: Any,
+    target: Any,
+    tiles_for: TemplateTiles | None = None,
+) -> tuple[Any, dict]:
     """Replace each task's functions by its best database schedule (else the template default
-    for a convolution). Returns the module and counts: from_database, template_default,
-    unscheduled (functions left with TVM's default loop nests), untuned_tasks."""
+    for a convolution, with ``tiles_for``'s tiles). Returns the module and counts:
+    from_database, template_default, unscheduled (functions left with TVM's default loop
+    nests), untuned_tasks."""
     import tvm
 
     memory = database.memory_database() if database is not None else None
@@ -153,7 +170,7 @@ def apply_schedules(mod: Any, tasks: list[Task], database: Any, target: Any) -> 
         if scheduled is None:
             counts["untuned_tasks"] += 1
             if task.templated:
-                scheduled = default_template_schedule(task.workload).mod["main"]
+                scheduled = default_template_schedule(task.workload, tiles_for).mod["main"]
                 counts["template_default"] += len(task.gvars)
         if scheduled is None:
             continue

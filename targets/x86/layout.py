@@ -33,6 +33,17 @@ from detc.kernels.conv2d_nchwc import blocked_to_nchw, conv2d_nchwc, pack_kernel
 from detc.kernels.fast_math import legalize_sigmoid
 
 
+def bind_weights_as_constants(
+    mod: tvm.IRModule, params: list[np.ndarray], num_inputs: int
+) -> tvm.IRModule:
+    """``main``'s parameters after its ``num_inputs`` graph inputs bound to ``params`` as
+    constants: what the layout passes need to prepack weights at compile time (no per-inference
+    weight transforms); ``main`` then takes the graph inputs only."""
+    main = mod["main"]
+    weights = dict(zip(main.params[num_inputs:], params, strict=True))
+    return relax.transform.BindParams("main", weights)(mod)
+
+
 def blocked_layouts(block: int) -> tuple[str, str]:
     """(data layout, kernel layout) for channel block ``block``: ("NCHW16c", "OIHW16i16o")."""
     return f"NCHW{block}c", f"OIHW{block}i{block}o"

@@ -19,14 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 from detc.compiler.errors import BadInputError, ToolchainMissingError
-from detc.targets.context import BuildContext, Phase
+from detc.targets.blocked_cpu import BlockedCpuTarget
+from detc.targets.context import BuildContext
 from detc.targets.cpu import REQUIRED_FLAGS, HostCpu, detect_host_cpu, missing_flags
-from detc.targets.target import Target, TargetInfo, count_tir_functions, register_target
+from detc.targets.target import TargetInfo, register_target
 from detc.targets.tuning.options import TuningOptions
 
 _EXAMPLE_MCPUS = ("znver3", "znver4", "skylake-avx512", "haswell", "x86-64-v3")
-PLAIN_PIPELINE = "plain"
-BLOCKED_PIPELINE = "blocked"
 
 
 def _is_x86_host() -> bool:
@@ -34,7 +33,7 @@ def _is_x86_host() -> bool:
 
 
 @register_target
-class X86Target(Target):
+class X86Target(BlockedCpuTarget):
     family = "x86"
     machine = "x86_64"
 
@@ -113,85 +112,15 @@ class X86Target(Target):
             return 16
         return 8 if "avx" in features else 4
 
-    # ---- the pipelines --------------------------------------------------------------------
-    def pipelines(self) -> dict[str, list[Phase]]:
-        return {
-            PLAIN_PIPELINE: [
-                Phase("import", self.import_model),
-                Phase("legalize", self.legalize),
-                Phase("tune", self.tune),
-                Phase("build", self.build),
-                Phase("export", self.export),
-            ],
-            BLOCKED_PIPELINE: [
-                Phase("import", self.import_with_constant_weights),
-                Phase("legalize", self.legalize_blocked),
-                Phase("tune", self.tune),
-                Phase("build", self.build),
-                Phase("export", self.export),
-            ],
-        }
-
-    def pipeline_for(self, tuning: TuningOptions | None) -> str:
-        chosen = tuning if tuning is not None else self.default_tuning()
-        return BLOCKED_PIPELINE if chosen.layout == BLOCKED_PIPELINE else PLAIN_PIPELINE
-
-    def fallback_pipeline(self, pipeline: str | None) -> str | None:
-        # some convolutions the blocked layout cannot express yet (seen in the zoo: a DFL head's
-        # 16-channel conv, non-multiple depthwise convs, ConvTranspose necks)
-        return PLAIN_PIPELINE if pipeline == BLOCKED_PIPELINE else None
-
-    def default_tuning(self) -> TuningOptions:
-        # The blocked convolution template's default tiles, and whatever the tuning database
-        # (default: $DETC_CACHE_DIR/tuning) holds for this CPU: ~1.1x onnxruntime on yolov5n
-        # where TVM's default schedules ran ~57x (no search runs: tune=False).
-        return TuningOptions(tune=False)
-
-    # ---- plain ----------------------------------------------------------------------------
-    def import_model(self, ctx: BuildContext) -> str:
-        summary = super().import_model(ctx)
-        from detc.targets.int8 import bind_quantization_params, has_quantized_ops
-
-        if has_quantized_ops(ctx.mod):
-            # The int8 lowering reads quantized weights, scales and zero points as constants.
-            ctx.mod, ctx.params = bind_quantization_params(ctx.mod, ctx.params, ctx.num_inputs)
-        return summary
-
-    def legalize_passes(self) -> list[Any]:
-        # First: FoldConstant would turn dequantize(W_q) into a float weight and hide the pattern.
-        return [_int8_lowering(), *super().legalize_passes()]
-
-    # ---- blocked --------------------------------------------------------------------------
-    def import_with_constant_weights(self, ctx: BuildContext) -> str:
-        summary = super().import_model(ctx)
-        # Constant weights let the layout passes prepack them at compile time (no per-inference
-        # weight transforms); main() then takes the graph inputs only.
-        from tvm import relax
-
-        main = ctx.mod["main"]
-        weights = dict(zip(main.params[ctx.num_inputs :], ctx.params, strict=True))
-        ctx.mod = relax.transform.BindParams("main", weights)(ctx.mod)
-        ctx.manifest["calling_convention"] = "inputs"
-        bound = len(ctx.params)
-        ctx.params = []
-        return f"{summary}, {bound} bound as constants"
-
-    def legalize_blocked(self, ctx: BuildContext) -> str:
-        import tvm
-
-        from detc.targets.x86.layout import blocked_layout_passes
-
-        block = self.channel_block()
+    def int8_lowering(self, ctx: BuildContext | None) -> Any:
+        if ctx is None:
+            return _int8_lowering()
 
         def searched(seconds: float) -> None:
             # the int8 tile search counts against --tune-minutes
             ctx.searched_seconds += seconds
 
-        lowering = _int8_lowering(ctx.tuning, searched, self.device())
-        passes = [lowering, *blocked_layout_passes(block)]
-        with ctx.tvm_target:
-            ctx.mod = tvm.transform.Sequential(passes)(ctx.mod)
-        return f"{count_tir_functions(ctx.mod)} TIR functions, NCHW{block}c"
+        return _int8_lowering(ctx.tuning, searched, self.device())
 
     def check_toolchain(self) -> None:
         from tvm.support.cc import get_cc
