@@ -141,7 +141,9 @@ def verify_cmd(
     "versus",
     default="onnxruntime",
     show_default=True,
-    help="'onnxruntime' (runs --reference) or another artifact folder.",
+    help="'onnxruntime' (runs --reference), 'openvino' (OpenVINO fp32 on --reference, with "
+    "onnxruntime too; needs pip install 'detc[bench]'), another artifact folder, or several of "
+    "these separated by commas, all in one interleaved run.",
 )
 @click.option("--reference", type=click.Path(path_type=Path), default=None)
 @device_options
@@ -153,7 +155,8 @@ def verify_cmd(
     "--max-ratio",
     type=float,
     default=None,
-    help="Fail (exit 1) if median(artifact)/median(other) exceeds this.",
+    help="Fail (exit 1) if median(artifact)/median(other) exceeds this (with a list or "
+    "openvino: against each contestant named in --vs).",
 )
 def bench_cmd(
     artifact: Path,
@@ -168,10 +171,18 @@ def bench_cmd(
     as_json: bool,
     max_ratio: float | None,
 ) -> None:
-    """Latency of ARTIFACT against onnxruntime (or another artifact), interleaved A/B.
+    """Latency of ARTIFACT against onnxruntime, OpenVINO or another artifact, interleaved.
 
     Same input, same thread count, warm-up first, then runs alternate ABBA. Prints median and p90
     of each and `ratio A/B` (below 1.0: the artifact is faster).
+
+    \b
+    --vs openvino (or a list, e.g. onnxruntime,openvino): detc, onnxruntime fp32 and
+    OpenVINO fp32 (CPU plugin, PERFORMANCE_HINT=LATENCY, INFERENCE_NUM_THREADS=--threads,
+    precision pinned to f32) in one run, the order rotated every round. Both run the
+    float reference (the artifact's reference.onnx, also for int8 artifacts). Prints each
+    one's median/p90 and ratio to onnxruntime, and detc's ratio to OpenVINO; --max-ratio
+    applies to every contestant named in --vs.
     """
     from detc.compiler.bench import bench_interleaved
     from detc.compiler.driver import default_threads, load
@@ -180,12 +191,31 @@ def bench_cmd(
     from detc.compiler.verify.runner import manifest_inputs, read_manifest, reference_proto
     from detc.targets import MANIFEST_FILE
 
+    contestants = [c.strip() for c in versus.split(",") if c.strip()]
+    several = len(contestants) > 1 or "openvino" in contestants
+    if several and (device or rpc_tracker):
+        raise BadInputError("--vs with openvino or a list runs on this machine only (no --device)")
+    if "openvino" in contestants:
+        from detc.compiler.bench import require_openvino
+
+        require_openvino()  # before loading anything: the missing extra is the error to show
     manifest = read_manifest(artifact)
+    if manifest.get("prepost", {}).get("preprocess"):
+        raise BadInputError(
+            f"{artifact} takes images (compiled with --with-preprocess), the references take the "
+            "network's tensor: bench an artifact compiled without it, or time the whole pipeline "
+            "with `detc package` and `bin/detc-run BUNDLE IMAGE.ppm --runs N`"
+        )
     n = threads or default_threads()
     feeds = random_feeds(manifest_inputs(manifest))
     device = device_url(device, rpc_tracker, rpc_key)
     if device is not None:
         _bench_on_device(artifact, versus, device, feeds, threads, runs, as_json, max_ratio)
+        return
+    if several:
+        _bench_several(
+            artifact, manifest, contestants, reference, feeds, n, warmup, runs, as_json, max_ratio
+        )
         return
     a = load(artifact, num_threads=n)
     if versus == "onnxruntime":
@@ -219,6 +249,79 @@ def bench_cmd(
         click.echo(result.table())
     if max_ratio is not None and result.ratio > max_ratio:
         raise CheckFailedError(f"ratio {result.ratio:.3f} exceeds --max-ratio {max_ratio}")
+
+
+def _bench_several(
+    artifact: Path,
+    manifest: dict[str, Any],
+    contestants: list[str],
+    reference: Path | None,
+    feeds: dict[str, Any],
+    threads: int,
+    warmup: int,
+    runs: int,
+    as_json: bool,
+    max_ratio: float | None,
+) -> None:
+    """detc, onnxruntime fp32 (always: the baseline) and the rest of --vs, in one run."""
+    from detc.compiler.bench import bench_round_robin, openvino_runner
+    from detc.compiler.driver import load
+    from detc.compiler.reference import ort_session, run_session
+    from detc.compiler.verify.artifact import default_reference
+    from detc.compiler.verify.runner import manifest_inputs, reference_proto
+    from detc.targets import MANIFEST_FILE
+
+    ref = Path(reference or default_reference(manifest, artifact))
+    runners: dict[str, Any] = {"detc": load(artifact, num_threads=threads).run}
+    notes = {"detc": f"{artifact}"}
+    session = ort_session(reference_proto(ref, manifest), threads=threads)
+    runners["onnxruntime"] = lambda f: run_session(session, f)
+    notes["onnxruntime"] = f"onnxruntime fp32 on {ref}"
+    named = []
+    for contestant in contestants:
+        if contestant == "onnxruntime":
+            named.append("onnxruntime")
+        elif contestant == "openvino":
+            shapes = {s.name: tuple(int(d) for d in s.shape) for s in manifest_inputs(manifest)}
+            openvino = openvino_runner(ref, shapes, threads)
+            runners["openvino"], notes["openvino"] = openvino.run, openvino.note
+            if openvino.threads != threads:
+                echo_err(
+                    f"detc: warning: OpenVINO uses {openvino.threads} thread(s), not {threads}: "
+                    "this process may run on fewer CPUs (see taskset -p)"
+                )
+            named.append("openvino")
+        elif (Path(contestant) / MANIFEST_FILE).is_file():
+            name = f"detc ({contestant})"
+            runners[name] = load(Path(contestant), num_threads=threads).run
+            named.append(name)
+        else:
+            raise BadInputError(
+                f"--vs {contestant}: neither 'onnxruntime', 'openvino' nor a detc artifact folder"
+            )
+    result = bench_round_robin(
+        runners,
+        feeds,
+        baseline="onnxruntime",
+        threads=threads,
+        warmup=warmup,
+        runs=runs,
+        progress=not as_json,
+    )
+    result.notes = notes
+    pairs = [("detc", name) for name in runners if name != "detc"]
+    if as_json:
+        click.echo(json.dumps(result.to_dict(pairs), indent=2))
+    else:
+        click.echo(result.table(pairs))
+    if max_ratio is not None:
+        over = [n for n in named if result.ratio("detc", n) > max_ratio]
+        if over:
+            worst = max(over, key=lambda n: result.ratio("detc", n))
+            raise CheckFailedError(
+                f"ratio detc / {worst} {result.ratio('detc', worst):.3f} exceeds --max-ratio "
+                f"{max_ratio}"
+            )
 
 
 def _bench_on_device(
