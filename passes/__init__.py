@@ -9,6 +9,7 @@ from detc.passes.fold_conv_mul_add import FoldConvMulAddPass
 from detc.passes.lowrank.core import LowRankPass
 from detc.passes.prune.core import PrunePass
 from detc.passes.quantize.core import QuantizePass
+from detc.passes.recover.core import RecoverPass
 from detc.passes.remove_identity import RemoveIdentityPass
 
 #: every built-in pass; the registry adds plugins from the entry-point group ``detc.passes``
@@ -20,6 +21,7 @@ BUILTIN_PASSES = (
     LowRankPass,
     PrunePass,
     QuantizePass,
+    RecoverPass,
     RemoveIdentityPass,
 )
 
@@ -32,5 +34,6 @@ __all__ = [
     "LowRankPass",
     "PrunePass",
     "QuantizePass",
+    "RecoverPass",
     "RemoveIdentityPass",
 ]

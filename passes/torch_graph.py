@@ -2,8 +2,9 @@
 
 With ``trainable=True`` the Conv weights and biases are torch parameters, and
 :meth:`TorchGraph.write_back` writes their trained values into the graph's initializers (what
-:mod:`detc.passes.distill` trains). Only the ops detectors are built from are executed; any
-other raises :class:`BadInputError` naming it.
+:mod:`detc.passes.distill` and :mod:`detc.passes.recover` train). A run may start from any
+intermediate value (block-wise reconstruction trains one slice of the graph at a time). Only the
+ops detectors are built from are executed; any other raises :class:`BadInputError` naming it.
 
 torch is an optional dependency (``pip install detc[torch]``), imported only through
 :func:`import_torch`.
@@ -29,7 +30,8 @@ def import_torch() -> Any:
         import torch
     except ImportError:
         raise BadInputError(
-            "distillation needs torch: pip install 'detc[torch]' (or set distill_steps=0)"
+            "distillation and recovery need torch: pip install 'detc[torch]' (or set "
+            "distill_steps=0 / leave recover out)"
         ) from None
     return torch
 
@@ -67,8 +69,9 @@ class _Op:
         handler = getattr(self, f"_{node.op_type.lower()}", None)
         if node.domain not in ("", "ai.onnx") or handler is None:
             raise BadInputError(
-                f"node '{node.name}' ({node.op_type}): distillation cannot execute this op; "
-                "set distill_steps=0 (the supported ops are those of CNN detectors)"
+                f"node '{node.name}' ({node.op_type}): distillation and recovery cannot execute "
+                "this op; set distill_steps=0 / leave recover out (the supported ops are those "
+                "of CNN detectors)"
             )
         self.run: Callable[[list[Any]], list[Any]] = handler
 
@@ -90,8 +93,8 @@ class _Op:
 
     def _fail(self, why: str) -> BadInputError:
         return BadInputError(
-            f"node '{self.node.name}' ({self.node.op_type}): distillation cannot execute {why}; "
-            "set distill_steps=0"
+            f"node '{self.node.name}' ({self.node.op_type}): distillation and recovery cannot "
+            f"execute {why}; set distill_steps=0 / leave recover out"
         )
 
     # elementwise
@@ -412,11 +415,13 @@ class TorchGraph:
     def producer(self, name: str) -> ir.Node | None:
         return self._producer.get(name)
 
-    def _plan(self, wanted: Sequence[str]) -> list[ir.Node]:
+    def _plan(self, wanted: Sequence[str], given: frozenset[str]) -> list[ir.Node]:
         needed: dict[int, ir.Node] = {}
-        stack = [self._producer[name] for name in wanted if name in self._producer]
+        stack = [
+            self._producer[name] for name in wanted if name in self._producer and name not in given
+        ]
         missing = [n for n in wanted if n not in self._producer and n not in self.constants]
-        inputs = {v.name for v in self.graph.inputs}
+        inputs = {v.name for v in self.graph.inputs} | given
         if any(name not in inputs for name in missing):
             raise BadInputError(f"values {missing} are not computed by graph '{self.graph.name}'")
         while stack:
@@ -425,14 +430,27 @@ class TorchGraph:
                 continue
             needed[id(node)] = node
             for value in node.inputs:
-                if value is not None and value.name and value.name not in self.constants:
+                if (
+                    value is not None
+                    and value.name
+                    and value.name not in self.constants
+                    and value.name not in given
+                ):
                     producer = self._producer.get(value.name)
                     if producer is not None:
                         stack.append(producer)
         return sorted(needed.values(), key=lambda n: self._order[id(n)])
 
+    def nodes_between(self, given: Sequence[str], wanted: Sequence[str]) -> list[ir.Node]:
+        """The nodes :meth:`run` executes to compute ``wanted`` from the values ``given``."""
+        return self._plan(wanted, frozenset(given))
+
     def run(self, inputs: dict[str, Any], wanted: Sequence[str]) -> dict[str, Any]:
-        """The ``wanted`` values for graph ``inputs`` (torch tensors or numpy arrays)."""
+        """The ``wanted`` values for ``inputs`` (torch tensors or numpy arrays).
+
+        ``inputs`` are graph inputs or any intermediate values: a value given is not recomputed,
+        so a slice of the graph runs on its own (what block-wise reconstruction trains).
+        """
         values: dict[str, Any] = dict(self.constants)
         for name, array in inputs.items():
             values[name] = (
@@ -440,7 +458,7 @@ class TorchGraph:
                 if isinstance(array, self.torch.Tensor)
                 else self.torch.from_numpy(np.ascontiguousarray(array))
             )
-        for node in self._plan(wanted):
+        for node in self._plan(wanted, frozenset(inputs)):
             args = [None if v is None or not v.name else values[v.name] for v in node.inputs]
             results = self._ops[id(node)].run(args)
             for output, result in zip(node.outputs, results, strict=False):

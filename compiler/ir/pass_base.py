@@ -94,6 +94,12 @@ class DetcPass(onnx_ir.passes.InPlacePass):
     sweep_option: ClassVar[str | None] = None
     #: what the last run decided, once the pass has run (approximate passes set it)
     report: PassReport | None = None
+    #: True: :func:`detc.compiler.ir.pipeline.run_pipeline` sets :attr:`original` before ``call``
+    #: (recovery passes distil from it); False: the runner keeps no copy for this pass
+    wants_original: ClassVar[bool] = False
+    #: the model as it entered the first approximate pass before this one in the pipeline (the
+    #: function those passes were asked to keep); None: no approximate pass ran before it
+    original: ir.Model | None = None
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -313,8 +313,14 @@ def run_pipeline(
         feeds = dict(feeds) if feeds is not None else random_feeds(graph_io(proto)[0])
         reference = run_session(ort_session(proto), feeds)
     stats = graph_stats(model)
+    original: ir.Model | None = None
+    keep_original = any(p.wants_original for p in passes)
     for index, (step, pass_) in enumerate(zip(pipeline.steps, passes, strict=True), start=1):
         snapshot = model.clone()
+        if pass_.wants_original:
+            pass_.original = original
+        elif keep_original and original is None and not pass_.exact:
+            original = snapshot  # the function the approximate passes from here on must keep
         started = time.perf_counter()
         try:
             result = pass_(model)

@@ -16,7 +16,12 @@ from detc.passes import BUILTIN_PASSES
 def test_only_the_approximate_passes_read_images_and_sweep() -> None:
     reads_images = {p.name: p.calibration_option for p in BUILTIN_PASSES if p.calibration_option}
     sweeps = {p.name: p.sweep_option for p in BUILTIN_PASSES if p.sweep_option}
-    assert reads_images == {"prune": "calib", "lowrank": "calib", "quantize": "calib"}
+    assert reads_images == {
+        "prune": "calib",
+        "lowrank": "calib",
+        "quantize": "calib",
+        "recover": "images",
+    }
     assert sweeps == {"prune": "mac_reduction", "lowrank": "mac_reduction"}
     for pass_cls in BUILTIN_PASSES:
         pass_cls.validate_declaration()

@@ -1,0 +1,354 @@
+"""recover: win back what an approximate pass lost, by distilling from the original model on
+unlabeled images.
+
+Users of a deployment compiler rarely have their training pipeline at hand, but they have images
+from where the detector will run. ``recover`` needs no labels: the original model (the teacher)
+labels every image itself. It runs after ``prune`` or ``lowrank`` in the same pipeline
+(``prune{mac_reduction=0.2},recover{images=DIR,minutes=20}``), where the teacher is the model as
+it entered the first approximate pass, or on its own with ``teacher=ORIGINAL.onnx``.
+
+The student (the transformed graph) runs as a torch function whose Conv weights and biases are
+trained (:class:`detc.passes.torch_graph.TorchGraph`), on the graph cut before the decode step.
+The recipe is a sequence of steps, each judged on held-out images the training never sees:
+
+1. ``stats``  — per-channel scale and bias of every matched Conv reset to the teacher's;
+2. ``blocks`` — block-wise reconstruction on cached crops (:mod:`.blockwise`);
+3. ``e2e``    — end-to-end distillation with progressive crop sizes and augmentation.
+
+A step that makes the held-out loss worse is undone and reported as rejected. The whole recovery
+keeps to a wall-clock budget (``minutes``); with ``steps`` set, the end-to-end step runs exactly
+that many steps, so a seed gives the same weights on the same machine. Progress lines give the
+time left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from detc.compiler.errors import BadInputError
+from detc.compiler.fileio import write_file_atomically
+from detc.compiler.ir.pass_base import DetcPass, PassResult
+from detc.passes.recover.blockwise import plan_blocks, reconstruct_blocks
+from detc.passes.recover.data import AugmentedCrops, ImageSet, load_images
+from detc.passes.recover.end_to_end import distill_end_to_end
+from detc.passes.recover.losses import LossTarget
+from detc.passes.recover.options import RecoverOptions
+from detc.passes.recover.report import RecoverReport, StepRecord
+from detc.passes.recover.statistics import recalibrate_statistics
+from detc.passes.recover.teacher import HeldOut, loss_targets
+from detc.passes.torch_graph import TorchGraph, import_torch
+
+logger = logging.getLogger(__name__)
+
+#: seconds between progress lines in a log
+_PROGRESS_SECONDS = 15.0
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(max(round(seconds), 0), 60)
+    return f"{minutes}:{rest:02d}"
+
+
+class _Budget:
+    """The wall-clock deadline of one recovery."""
+
+    def __init__(self, seconds: float) -> None:
+        self.started = time.monotonic()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+class RecoverPass(DetcPass):
+    """Recover accuracy lost by prune/lowrank: distil from the original on unlabeled images."""
+
+    name = "recover"
+    exact = False
+    Options = RecoverOptions
+    calibration_option = "images"
+    wants_original = True
+    options: RecoverOptions
+
+    def _teacher(self) -> tuple[ir.Model, str]:
+        if self.options.teacher is not None:
+            path = Path(self.options.teacher)
+            if not path.is_file():
+                raise BadInputError(f"recover: teacher={path} is not a file (the original ONNX)")
+            try:
+                return ir.load(path), str(path)
+            except Exception as exc:
+                raise BadInputError(
+                    f"recover: teacher={path} is not a readable ONNX model ({exc})"
+                ) from None
+        if self.original is None:
+            raise BadInputError(
+                "recover: no teacher — run it after prune or lowrank in the same pipeline "
+                "(prune{...},recover{...}) or give teacher=ORIGINAL.onnx"
+            )
+        return self.original, "the model before the pipeline's first approximate pass"
+
+    def call(self, model: ir.Model) -> PassResult:
+        opts = self.options
+        if opts.images is None:
+            raise BadInputError(
+                "recover: give images=DIR (unlabeled images from where the detector will run)"
+            )
+        if not Path(opts.images).is_dir():
+            raise BadInputError(f"recover: images={opts.images} is not a folder of images")
+        teacher_model, teacher_label = self._teacher()
+        torch = import_torch()
+        budget = _Budget(opts.minutes * 60.0)
+        threads = torch.get_num_threads()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(opts.threads)
+        torch.use_deterministic_algorithms(True)
+        torch.manual_seed(opts.seed)
+        try:
+            modified = self._recover(model, teacher_model, teacher_label, budget, torch)
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
+        return PassResult(model, modified)
+
+    def _recover(
+        self,
+        model: ir.Model,
+        teacher_model: ir.Model,
+        teacher_label: str,
+        budget: _Budget,
+        torch: Any,
+    ) -> bool:
+        from detc.compiler.detection.spec import spec_for_model
+        from detc.compiler.reference import to_proto
+
+        opts = self.options
+        spec = spec_for_model(to_proto(model), opts.spec)
+        input_name = model.graph.inputs[0].name or spec.input_name
+        targets = loss_targets(
+            model.graph, teacher_model.graph, spec.decoder, len(spec.class_names)
+        )
+        assert opts.images is not None
+        images = load_images(
+            Path(opts.images),
+            spec,
+            max_images=opts.max_images,
+            held_out=opts.held_out,
+            seed=opts.seed,
+            torch=torch,
+        )
+        run = _Recovery(model, teacher_model, images, targets, input_name, opts, budget, torch)
+        report = RecoverReport(
+            teacher=teacher_label,
+            train_images=len(images.train),
+            held_out_images=len(images.held_out),
+            targets=len(targets),
+            heads=sum(t.head for t in targets),
+            budget_seconds=budget.seconds,
+        )
+        self.report = report
+        report.initial_loss, report.initial_feature_loss = run.held_out.losses(run.student)
+        logger.info(
+            "recover: %d matched values (%d heads), held-out head loss %.5f, %s left",
+            len(targets),
+            report.heads,
+            report.initial_loss,
+            _clock(budget.left()),
+        )
+        recipe = opts.recipe_steps
+        for position, step in enumerate(recipe):
+            if budget.left() <= 0:
+                logger.info("recover: budget spent before step %s", step)
+                break
+            started = time.monotonic()
+            before = run.held_out.loss(run.student)
+            saved = run.student.snapshot()
+            if step == "stats":
+                detail = run.statistics()
+            elif step == "blocks":
+                detail = run.blocks(leave_for_later=0.5 if "e2e" in recipe[position + 1 :] else 0.0)
+            else:
+                detail = run.end_to_end(report, time.monotonic() - started)
+            after = run.held_out.loss(run.student)
+            kept = after < before
+            if not kept:
+                run.student.restore(saved)
+            report.steps.append(
+                StepRecord(step, before, after, kept, time.monotonic() - started, detail)
+            )
+            logger.info(
+                "recover: %s: held-out head loss %.5f -> %.5f, %s (%s), %s left",
+                step,
+                before,
+                after,
+                "kept" if kept else "REJECTED, weights restored",
+                detail,
+                _clock(budget.left()),
+            )
+            run.checkpoint(f"after-{position + 1}-{step}")
+        report.final_loss, report.final_feature_loss = run.held_out.losses(run.student)
+        report.seconds = budget.elapsed()
+        run.student.write_back()
+        logger.info("%s", report.table())
+        return any(s.kept for s in report.steps)
+
+
+class _Ticker:
+    """Says whether a progress line is due (one every few seconds in a log)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self, *, now: bool = False) -> bool:
+        if now or time.monotonic() - self.last >= _PROGRESS_SECONDS:
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+class _Recovery:
+    """The state one recovery shares between its steps: student, teacher, images, budget."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        teacher_model: ir.Model,
+        images: ImageSet,
+        targets: list[LossTarget],
+        input_name: str,
+        options: RecoverOptions,
+        budget: _Budget,
+        torch: Any,
+    ) -> None:
+        self.model = model
+        self.images = images
+        self.targets = targets
+        self.input_name = input_name
+        self.options = options
+        self.budget = budget
+        self.torch = torch
+        self.student = TorchGraph(model.graph, trainable=True)
+        self.teacher = TorchGraph(teacher_model.graph)
+        self.held_out = HeldOut(
+            self.teacher, images.held_out, images.scale, input_name, targets, torch
+        )
+        self.crops = AugmentedCrops(images, options.seed, torch)
+        # the step size of each tensor scales with its size at the start (BN-folded weights
+        # differ ~75x in magnitude between tensors: one step size fits none of them)
+        self.initial_rms = {
+            name: max(float(t.detach().pow(2).mean().sqrt()), 1e-3)
+            for name, t in self.student.parameters.items()
+        }
+        self._cached: tuple[Any, dict[str, Any]] | None = None
+
+    def lr_for(self, name: str) -> float:
+        if self.options.lr_scaling == "rms":
+            return self.options.lr * self.initial_rms[name]
+        return self.options.lr
+
+    def cached_crops(self) -> tuple[Any, dict[str, Any]]:
+        """Crops at native scale and the teacher's outputs on them (statistics, blocks)."""
+        if self._cached is None:
+            count = min(self.options.block_images, len(self.images.train))
+            inputs = self.crops.batch(count, self.options.block_size, augment=False)
+            with self.torch.no_grad():
+                wanted = [t.name for t in self.targets]
+                self._cached = inputs, self.teacher.run({self.input_name: inputs}, wanted)
+        return self._cached
+
+    def checkpoint(self, label: str) -> None:
+        if self.options.checkpoints is None:
+            return
+        path = Path(self.options.checkpoints) / f"{label}.onnx"
+        self.student.write_back()
+        model = self.model
+        write_file_atomically(path, lambda tmp: ir.save(model, tmp, format="protobuf"))
+        logger.info("recover: wrote %s", path)
+
+    def statistics(self) -> str:
+        inputs, expected = self.cached_crops()
+        count = recalibrate_statistics(
+            self.student, expected, inputs, self.input_name, self.targets, self.torch
+        )
+        return f"{count} Convs recalibrated on {inputs.shape[0]} crops"
+
+    def blocks(self, *, leave_for_later: float) -> str:
+        inputs, expected = self.cached_crops()
+        blocks = plan_blocks(self.student, self.targets, self.input_name)
+        reserve = self.budget.left() * leave_for_later
+        ticker = _Ticker()
+
+        def on_block(index: int, loss_before: float, loss_after: float) -> None:
+            if ticker.due():
+                logger.info(
+                    "recover: blocks %d/%d (block loss %.4f -> %.4f), %s left",
+                    index + 1,
+                    len(blocks),
+                    loss_before,
+                    loss_after,
+                    _clock(self.budget.left()),
+                )
+
+        fitted = reconstruct_blocks(
+            self.student,
+            blocks,
+            inputs,
+            expected,
+            self.input_name,
+            steps=self.options.block_steps,
+            batch=min(8, int(inputs.shape[0])),
+            lr_for=self.lr_for,
+            seed=self.options.seed,
+            torch=self.torch,
+            time_left=lambda: self.budget.left() - reserve,
+            on_block=on_block,
+        )
+        return f"{fitted}/{len(blocks)} blocks x {self.options.block_steps} steps"
+
+    def end_to_end(self, report: RecoverReport, check_seconds: float) -> str:
+        # what is left, less the final held-out checks (about as long as the one just done)
+        seconds = max(self.budget.left() - 2 * check_seconds, 1.0)
+        ticker = _Ticker()
+
+        def on_progress(step: int, size: int, loss: float, measured: float | None) -> None:
+            if ticker.due(now=measured is not None):
+                logger.info(
+                    "recover: e2e step %d at %d px, training loss %.4f%s, %s left",
+                    step,
+                    size,
+                    loss,
+                    "" if measured is None else f", held-out {measured:.5f}",
+                    _clock(self.budget.left()),
+                )
+
+        def on_check(step: int, seconds: float) -> None:
+            del seconds
+            self.checkpoint(f"e2e-{self.budget.elapsed() / 60:05.1f}min-step{step}")
+
+        curve = distill_end_to_end(
+            self.student,
+            self.teacher,
+            self.crops,
+            self.held_out,
+            self.targets,
+            self.input_name,
+            sizes=self.options.crop_sizes,
+            batch=self.options.batch,
+            features=self.options.features,
+            lr_for=self.lr_for,
+            seconds=seconds,
+            steps=self.options.steps,
+            torch=self.torch,
+            on_progress=on_progress,
+            on_check=on_check,
+        )
+        report.curve = curve.points
+        return f"{curve.steps} steps, best at step {curve.best_step}"
