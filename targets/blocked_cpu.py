@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from detc.targets.context import BuildContext, Phase
-from detc.targets.target import Target, count_tir_functions
+from detc.targets.target import DEFAULT_PIPELINE, Target, count_tir_functions
 from detc.targets.tuning.options import TuningOptions
 
 PLAIN_PIPELINE = "plain"
@@ -51,13 +51,8 @@ class BlockedCpuTarget(Target):
                 Phase("build", self.build),
                 Phase("export", self.export),
             ],
-            PLAIN_PIPELINE: [
-                Phase("import", self.import_model),
-                Phase("legalize", self.legalize),
-                Phase("tune", self.tune),
-                Phase("build", self.build),
-                Phase("export", self.export),
-            ],
+            # the base target's phases (its import binds int8 parameters here)
+            PLAIN_PIPELINE: super().pipelines()[DEFAULT_PIPELINE],
         }
 
     def pipeline_for(self, tuning: TuningOptions | None) -> str:
