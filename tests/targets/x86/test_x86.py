@@ -484,7 +484,9 @@ def test_thread_count_changes_how_many_threads_do_the_work(tmp_path: Path) -> No
         assert report["used"] == requested
         top = report["spent"][0]
         assert top >= 10, f"the probe ran too briefly to judge: {report}"
-        busy_threads[requested] = sum(ticks >= 0.3 * top for ticks in report["spent"])
+        # threads sharing the work spend about as much as the busiest; an idle pool worker
+        # that spins while the machine is loaded reached 40 % of it (never half)
+        busy_threads[requested] = sum(ticks >= 0.5 * top for ticks in report["spent"])
     assert busy_threads == {1: 1, 2: 2}
 
 
