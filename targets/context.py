@@ -22,7 +22,16 @@ LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.npz"
 PHASE_NAMES = ("import", "legalize", "tune", "prepost", "build", "export")
 #: the image input of an artifact with compiled preprocessing: height, width free, RGB
+IMAGE_INPUT = "image"
 IMAGE_INPUT_SHAPE = ("h", "w", 3)
+#: the outputs of a ``--with-nms`` artifact, in order: (name, dtype, rank); rows at and after
+#: ``count`` are zero (the bundle's C runtime and detc-run read them by these names)
+NMS_OUTPUTS = (
+    ("boxes", "float32", 2),
+    ("scores", "float32", 1),
+    ("classes", "int32", 1),
+    ("count", "int32", 1),
+)
 #: the phase that wraps the network in compiled pre/post-processing (only when asked for)
 PREPOST_PHASE = "prepost"
 

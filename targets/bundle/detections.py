@@ -13,10 +13,7 @@ from typing import Any
 import numpy as np
 
 from detc.compiler.errors import BadInputError
-
-#: the outputs ``--with-nms`` gives, in order, with their dtypes and ranks
-NMS_OUTPUTS = (("boxes", "float32", 2), ("scores", "float32", 1), ("classes", "int32", 1),
-               ("count", "int32", 1))  # fmt: skip
+from detc.targets.context import NMS_OUTPUTS
 
 
 def gives_detections(outputs: Sequence[Mapping[str, Any]]) -> bool:

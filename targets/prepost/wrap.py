@@ -23,16 +23,18 @@ from __future__ import annotations
 from typing import Any
 
 from detc.compiler.errors import BadInputError
-from detc.targets.context import IMAGE_INPUT_SHAPE, BuildContext, PrepostRequest
+from detc.targets.context import (
+    IMAGE_INPUT,
+    IMAGE_INPUT_SHAPE,
+    NMS_OUTPUTS,
+    BuildContext,
+    PrepostRequest,
+)
 from detc.targets.prepost.detect import Postprocessing, detect_func
 from detc.targets.prepost.letterbox import Preprocessing, letterbox_func
 
 #: the name the network's own ``main`` gets inside the wrapped module
 NETWORK_FUNCTION = "detc_network"
-IMAGE_INPUT = "image"
-#: the outputs of a ``--with-nms`` artifact, in order, with their dtypes
-DETECTION_OUTPUTS = (("boxes", "float32"), ("scores", "float32"), ("classes", "int32"))
-COUNT_OUTPUT = "count"
 
 
 def prepost_io(
@@ -45,11 +47,9 @@ def prepost_io(
         inputs = [{"name": IMAGE_INPUT, "shape": list(IMAGE_INPUT_SHAPE), "dtype": "uint8"}]
     if request.nms:
         limit = int(request.spec.max_detections)
+        shapes = {"boxes": [limit, 4], "scores": [limit], "classes": [limit], "count": [1]}
         outputs = [
-            {"name": "boxes", "shape": [limit, 4], "dtype": "float32"},
-            {"name": "scores", "shape": [limit], "dtype": "float32"},
-            {"name": "classes", "shape": [limit], "dtype": "int32"},
-            {"name": COUNT_OUTPUT, "shape": [1], "dtype": "int32"},
+            {"name": name, "shape": shapes[name], "dtype": dtype} for name, dtype, _ in NMS_OUTPUTS
         ]
     return inputs, outputs
 
