@@ -273,9 +273,15 @@ def compile_cmd(
         if tuning.get("tuned"):
             state = f"tuned ({total} kernels, {tuning['trials']} trials this run)"
         elif missing == total:
+            runs_here = manifest["target"].get("host_cpu", {}).get("runs_here", True)
+            how = (
+                "--tune searches for faster ones"
+                if runs_here
+                else "a board tunes them: --tune --rpc-tracker HOST:PORT --rpc-key KEY"
+            )
             state = (
                 f"from detc's templates with default tiles ({total} kernels, none in the tuning "
-                "database; --tune searches for faster ones)"
+                f"database; {how})"
             )
         else:
             state = f"partly tuned ({missing} of {total} kernels not in the tuning database)"

@@ -404,3 +404,19 @@ def test_failed_preparation_leaves_nothing_behind(
     emulation = tmp_path / "emulation"
     assert [p.name for p in emulation.iterdir() if not p.name.endswith(".lock")] == []
     assert _emulator.emulation_env_status() is None
+
+
+@needs_cross
+def test_the_compile_line_says_a_board_tunes_an_arm_build(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    onnx.save(_tiny_conv_model(np.random.default_rng(0)), tmp_path / "m.onnx")
+    done = subprocess.run(
+        [sys.executable, "-m", "detc.compiler.cli", "compile", str(tmp_path / "m.onnx"),
+         "--target", "arm", "-o", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "a board tunes them: --tune --rpc-tracker" in done.stdout
+    assert "--tune searches" not in done.stdout
