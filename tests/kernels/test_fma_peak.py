@@ -116,7 +116,10 @@ def test_probe_runs_on_both_threads_and_reports_a_plausible_figure(
     if theory is None:
         pytest.skip("lscpu gives no clock or no FMA")
     # Shared CI machines are noisy: the floor only catches a probe measuring something else
-    # (memory traffic, a scalar loop); the ceiling is what no x86 core can exceed.
-    assert measured.gflops > 0.05 * theory.gflops
+    # (memory traffic, a scalar loop); the ceiling is what no x86 core can exceed. The floor is
+    # the one-thread figure's: with the other core busy, the two-thread calls of 10 ms wait for a
+    # descheduled thread (3.3 GFLOP/s against 117 on one thread, seen beside a training run).
+    assert measured.gflops > 0
+    assert measured.single_thread_gflops > 0.05 * theory.gflops / theory.cores
     assert measured.gflops < theory.at(MAX_PLAUSIBLE_GHZ)
     assert measured.single_thread_gflops < theory.at(MAX_PLAUSIBLE_GHZ) / theory.cores
