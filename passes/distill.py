@@ -119,6 +119,26 @@ def distill_targets(student: ir.Graph, teacher: ir.Graph, *, features: bool) -> 
 # --- label-free augmentation ------------------------------------------------------------------
 
 
+def place_at_random(
+    image: Any, height: int, width: int, pad_value: float, rng: np.random.Generator
+) -> Any:
+    """A (N, C, ``height``, ``width``) canvas of ``pad_value`` with the torch ``image`` at a
+    random offset: cropped along a side where it is larger, padded where it is smaller."""
+    rows, cols = image.shape[-2:]
+    canvas = image.new_full((image.shape[0], image.shape[1], height, width), pad_value)
+    top = int(rng.integers(min(0, rows - height), max(0, rows - height) + 1))
+    left = int(rng.integers(min(0, cols - width), max(0, cols - width) + 1))
+    src_top, src_left = max(top, 0), max(left, 0)
+    dst_top, dst_left = src_top - top, src_left - left
+    rows_copied = min(rows - src_top, height - dst_top)
+    cols_copied = min(cols - src_left, width - dst_left)
+    if rows_copied > 0 and cols_copied > 0:
+        canvas[..., dst_top : dst_top + rows_copied, dst_left : dst_left + cols_copied] = image[
+            ..., src_top : src_top + rows_copied, src_left : src_left + cols_copied
+        ]
+    return canvas
+
+
 class _Views:
     """Random training inputs of ``size`` x ``size`` made from the calibration images."""
 
@@ -137,18 +157,7 @@ class _Views:
         resized = functional.interpolate(
             image, size=(new_rows, new_cols), mode="bilinear", align_corners=False
         )
-        canvas = image.new_full((image.shape[0], image.shape[1], height, width), _PAD_VALUE)
-        top = int(self.rng.integers(min(0, new_rows - height), max(0, new_rows - height) + 1))
-        left = int(self.rng.integers(min(0, new_cols - width), max(0, new_cols - width) + 1))
-        src_top, src_left = max(top, 0), max(left, 0)
-        dst_top, dst_left = src_top - top, src_left - left
-        rows_copied = min(new_rows - src_top, height - dst_top)
-        cols_copied = min(new_cols - src_left, width - dst_left)
-        if rows_copied > 0 and cols_copied > 0:
-            canvas[..., dst_top : dst_top + rows_copied, dst_left : dst_left + cols_copied] = (
-                resized[..., src_top : src_top + rows_copied, src_left : src_left + cols_copied]
-            )
-        return canvas
+        return place_at_random(resized, height, width, _PAD_VALUE, self.rng)
 
     def _pick(self) -> Any:
         return self.images[int(self.rng.integers(len(self.images)))]

@@ -20,6 +20,7 @@ import numpy as np
 
 from detc.compiler.errors import BadInputError
 from detc.compiler.progress import progress
+from detc.passes.distill import place_at_random
 
 
 @dataclass
@@ -87,18 +88,7 @@ class AugmentedCrops:
             image = functional.interpolate(
                 image, size=(new_rows, new_cols), mode="bilinear", align_corners=False
             )
-        canvas = image.new_full((1, image.shape[1], height, width), self.images.pad_value)
-        top = int(self.rng.integers(min(0, new_rows - height), max(0, new_rows - height) + 1))
-        left = int(self.rng.integers(min(0, new_cols - width), max(0, new_cols - width) + 1))
-        src_top, src_left = max(top, 0), max(left, 0)
-        dst_top, dst_left = src_top - top, src_left - left
-        rows_copied = min(new_rows - src_top, height - dst_top)
-        cols_copied = min(new_cols - src_left, width - dst_left)
-        if rows_copied > 0 and cols_copied > 0:
-            canvas[..., dst_top : dst_top + rows_copied, dst_left : dst_left + cols_copied] = image[
-                ..., src_top : src_top + rows_copied, src_left : src_left + cols_copied
-            ]
-        return canvas
+        return place_at_random(image, height, width, self.images.pad_value, self.rng)
 
     def _pick(self) -> Any:
         return self.images.train[int(self.rng.integers(len(self.images.train)))]
