@@ -27,7 +27,7 @@ from typing import Any
 from detc.compiler.detection.decoders import MAX_NMS_CANDIDATES, YOLOX_STRIDES
 from detc.compiler.detection.spec import ModelSpec
 from detc.compiler.errors import BadInputError
-from detc.targets.prepost.letterbox import OPAQUE_PATTERN, Preprocessing, round_half_even
+from detc.targets.prepost.letterbox import OPAQUE_PATTERN, Preprocessing, placement
 
 #: decoder name → the layout of the output it reads
 FAMILIES = {
@@ -144,7 +144,6 @@ def _detect_func(post: Postprocessing, prep: Preprocessing | None) -> Any:
     mapped = prep is not None
     letterbox = prep.letterbox if prep is not None else False
     centre = prep.centre if prep is not None else False
-    input_hf, input_wf = float(input_h), float(input_w)
 
     def raw_at(raw: Any, row: Any, column: Any) -> Any:
         index = (column, row) if channels_first else (row, column)
@@ -316,31 +315,11 @@ def _detect_func(post: Postprocessing, prep: Preprocessing | None) -> Any:
                     if mapped:
                         hf = T.Cast("float64", h)
                         wf = T.Cast("float64", w)
-                        if letterbox:
-                            ratio = T.min(T.float64(input_hf) / hf, T.float64(input_wf) / wf)
-                            scaled_h = hf * ratio
-                            scaled_w = wf * ratio
-                            new_h = T.max(round_half_even(scaled_h), T.int64(1))
-                            new_w = T.max(round_half_even(scaled_w), T.int64(1))
-                            if centre:
-                                border_h = T.Cast("float64", T.int64(input_h) - new_h) / T.float64(
-                                    2.0
-                                ) - T.float64(0.1)
-                                border_w = T.Cast("float64", T.int64(input_w) - new_w) / T.float64(
-                                    2.0
-                                ) - T.float64(0.1)
-                                top = round_half_even(border_h)
-                                left = round_half_even(border_w)
-                            else:
-                                top = T.int64(0)
-                                left = T.int64(0)
-                            gain_y = T.Cast("float64", new_h) / hf
-                            gain_x = T.Cast("float64", new_w) / wf
-                        else:
-                            top = T.int64(0)
-                            left = T.int64(0)
-                            gain_y = T.float64(input_hf) / hf
-                            gain_x = T.float64(input_wf) / wf
+                        new_h, new_w, top, left = placement(
+                            h, w, (input_h, input_w), letterbox, centre
+                        )
+                        gain_y = T.Cast("float64", new_h) / hf
+                        gain_x = T.Cast("float64", new_w) / wf
                         boxes[kept, 0] = T.Cast(
                             "float32",
                             T.min(

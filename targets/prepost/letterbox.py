@@ -78,6 +78,40 @@ def round_half_even(value: Any) -> Any:
     return tirx.Select(up, whole + 1, whole)
 
 
+def placement(
+    h: Any, w: Any, input_size: tuple[int, int], letterbox: bool, centre: bool
+) -> tuple[Any, Any, Any, Any]:
+    """``(new_h, new_w, top, left)`` of an ``h`` x ``w`` image as int64 PrimExprs, computed as
+    :func:`~detc.compiler.detection.datasets.letterbox_geometry` does (float64, round half to
+    even, YOLOv5's ``round(d - 0.1)`` split); the letterbox and the box mapping of detect.py
+    both read it."""
+    from tvm import tirx
+
+    input_h, input_w = input_size
+    if not letterbox:
+        zero = tirx.IntImm("int64", 0)
+        return tirx.IntImm("int64", input_h), tirx.IntImm("int64", input_w), zero, zero
+    hf = tirx.Cast("float64", h)
+    wf = tirx.Cast("float64", w)
+    ratio = tirx.min(
+        tirx.FloatImm("float64", float(input_h)) / hf, tirx.FloatImm("float64", float(input_w)) / wf
+    )
+    # at least one pixel (Pillow refuses a zero size; the Python path fails there)
+    new_h = tirx.max(round_half_even(hf * ratio), tirx.IntImm("int64", 1))
+    new_w = tirx.max(round_half_even(wf * ratio), tirx.IntImm("int64", 1))
+    if not centre:
+        zero = tirx.IntImm("int64", 0)
+        return new_h, new_w, zero, zero
+
+    def border(size: int, new: Any) -> Any:
+        half = tirx.Cast("float64", tirx.IntImm("int64", size) - new) / tirx.FloatImm(
+            "float64", 2.0
+        )
+        return round_half_even(half - tirx.FloatImm("float64", 0.1))
+
+    return new_h, new_w, border(input_h, new_h), border(input_w, new_w)
+
+
 def geometry_values(prep: Preprocessing, height: int, width: int) -> dict[str, float]:
     """What the compiled geometry computes for one size, in Python (for tests and callers that
     need the box transform without running the library): new_h, new_w, top, left, gain_y,
@@ -111,7 +145,6 @@ def letterbox_func(prep: Preprocessing) -> Any:
     from tvm.script import tirx as T
 
     input_h, input_w = prep.input_size
-    input_hf, input_wf = float(input_h), float(input_w)
     letterbox, centre = prep.letterbox, prep.centre
     one = 1 << PRECISION_BITS
     half_one = 1 << (PRECISION_BITS - 1)
@@ -134,32 +167,7 @@ def letterbox_func(prep: Preprocessing) -> Any:
         # from h would need a VM shape function, and a module holding one loses the parallel
         # compute scopes of every kernel in TVM 0.27's LLVM codegen (the network ran 2x slower)
         columns = T.alloc_buffer((T.int64(input_w), h, T.int64(3)), "int32")
-        hf = T.Cast("float64", h)
-        wf = T.Cast("float64", w)
-        if letterbox:
-            ratio = T.min(T.float64(input_hf) / hf, T.float64(input_wf) / wf)
-            scaled_h = hf * ratio
-            scaled_w = wf * ratio
-            # at least one pixel (Pillow refuses a zero size; the Python path fails there)
-            new_h = T.max(round_half_even(scaled_h), T.int64(1))
-            new_w = T.max(round_half_even(scaled_w), T.int64(1))
-            if centre:
-                border_h = T.Cast("float64", T.int64(input_h) - new_h) / T.float64(2.0) - T.float64(
-                    0.1
-                )
-                border_w = T.Cast("float64", T.int64(input_w) - new_w) / T.float64(2.0) - T.float64(
-                    0.1
-                )
-                top = round_half_even(border_h)
-                left = round_half_even(border_w)
-            else:
-                top = T.int64(0)
-                left = T.int64(0)
-        else:
-            new_h = T.int64(input_h)
-            new_w = T.int64(input_w)
-            top = T.int64(0)
-            left = T.int64(0)
+        new_h, new_w, top, left = placement(h, w, (input_h, input_w), letterbox, centre)
         x_scale = T.Cast("float64", w) / T.Cast("float64", new_w)
         x_filterscale = T.max(x_scale, T.float64(1.0))
         x_inverse = T.float64(1.0) / x_filterscale
