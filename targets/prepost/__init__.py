@@ -9,7 +9,7 @@ wrap.py       the ``prepost`` build phase: the tuned network's ``main`` wrapped 
 from __future__ import annotations
 
 from detc.targets.prepost.detect import FAMILIES, Postprocessing, detect_func
-from detc.targets.prepost.letterbox import Preprocessing, geometry_values, letterbox_func
+from detc.targets.prepost.letterbox import Preprocessing, letterbox_func, placement
 from detc.targets.prepost.wrap import NETWORK_FUNCTION, prepost_io, wrap_network
 
 __all__ = [
@@ -18,8 +18,8 @@ __all__ = [
     "Postprocessing",
     "Preprocessing",
     "detect_func",
-    "geometry_values",
     "letterbox_func",
+    "placement",
     "prepost_io",
     "wrap_network",
 ]

@@ -112,34 +112,6 @@ def placement(
     return new_h, new_w, border(input_h, new_h), border(input_w, new_w)
 
 
-def geometry_values(prep: Preprocessing, height: int, width: int) -> dict[str, float]:
-    """What the compiled geometry computes for one size, in Python (for tests and callers that
-    need the box transform without running the library): new_h, new_w, top, left, gain_y,
-    gain_x, with the same float64 operations as the TIR below."""
-    input_h, input_w = prep.input_size
-    if not prep.letterbox:
-        return {
-            "new_h": input_h,
-            "new_w": input_w,
-            "top": 0,
-            "left": 0,
-            "gain_y": input_h / height,
-            "gain_x": input_w / width,
-        }
-    ratio = min(input_h / height, input_w / width)
-    new_h, new_w = max(round(height * ratio), 1), max(round(width * ratio), 1)
-    top = round((input_h - new_h) / 2.0 - 0.1) if prep.centre else 0
-    left = round((input_w - new_w) / 2.0 - 0.1) if prep.centre else 0
-    return {
-        "new_h": new_h,
-        "new_w": new_w,
-        "top": top,
-        "left": left,
-        "gain_y": new_h / height,
-        "gain_x": new_w / width,
-    }
-
-
 def letterbox_func(prep: Preprocessing) -> Any:
     """The PrimFunc ``(image (h, w, 3) uint8, tensor)``: see the module doc."""
     from tvm.script import tirx as T

@@ -11,11 +11,7 @@ from PIL import Image
 
 from detc.compiler.detection.datasets import letterbox_geometry, preprocess
 from detc.compiler.detection.spec import ModelSpec
-from detc.targets.prepost.letterbox import (
-    Preprocessing,
-    geometry_values,
-    letterbox_func,
-)
+from detc.targets.prepost.letterbox import Preprocessing, letterbox_func, placement
 
 YOLOV5 = ModelSpec(input_size=(64, 96), decoder="yolov5")
 YOLOX = ModelSpec(input_size=(64, 96), decoder="yolox")  # BGR, 0..255, top-left
@@ -24,18 +20,45 @@ STRETCH = dataclasses.replace(
 )
 
 
+def _compiled_placement(prep: Preprocessing, sizes: list[tuple[int, int]]) -> np.ndarray:
+    """(new_h, new_w, top, left) per (height, width), from the placement the PrimFuncs use."""
+    import tvm
+    from tvm.script import tirx as T
+
+    count = len(sizes)
+    input_size, letterbox, centre = prep.input_size, prep.letterbox, prep.centre
+
+    @T.prim_func
+    def place(given: T.Buffer((count, 2), "int64"), out: T.Buffer((count, 4), "int64")):
+        for i in range(count):
+            new_h, new_w, top, left = placement(
+                given[i, 0], given[i, 1], input_size, letterbox, centre
+            )
+            out[i, 0] = new_h
+            out[i, 1] = new_w
+            out[i, 2] = top
+            out[i, 3] = left
+
+    kernel = tvm.compile(place, target=tvm.target.Target({"kind": "llvm"}))
+    given = tvm.runtime.tensor(np.asarray(sizes, np.int64))
+    out = tvm.runtime.tensor(np.zeros((count, 4), np.int64))
+    kernel(given, out)
+    return out.numpy()
+
+
 @pytest.mark.parametrize("spec", [YOLOV5, YOLOX, STRETCH], ids=["centre", "top-left", "resize"])
 def test_geometry_is_letterbox_geometry(spec: ModelSpec) -> None:
     prep = Preprocessing.from_spec(spec)
     rng = np.random.default_rng(0)
     sizes = [(64, 96), (1, 1), (480, 640), (640, 480), (63, 97), (1000, 3), (3, 1000)]
     sizes += [tuple(int(v) for v in rng.integers(1, 3000, 2)) for _ in range(500)]
-    for height, width in sizes:
+    for (height, width), got in zip(sizes, _compiled_placement(prep, sizes), strict=True):
+        new_h, new_w, top, left = (int(v) for v in got)
         expected = letterbox_geometry((height, width), spec.input_size, spec)
-        got = geometry_values(prep, height, width)
-        if min(got["new_h"], got["new_w"]) > 1:  # below: Pillow refuses, we keep one pixel
-            assert (got["top"], got["left"]) == expected.pad, (height, width)
-            assert (got["gain_y"], got["gain_x"]) == expected.gain, (height, width)
+        if min(new_h, new_w) > 1:  # below: Pillow refuses, we keep one pixel
+            assert (top, left) == expected.pad, (height, width)
+            # the gain detect.py maps boxes back with: new size / original, in float64
+            assert (new_h / height, new_w / width) == expected.gain, (height, width)
 
 
 def _compiled_preprocess(spec: ModelSpec) -> Any:
