@@ -205,13 +205,9 @@ def compare_on_images(
     images: Sequence[tuple[str, np.ndarray]],
 ) -> PrepostComparison:
     """Run both paths on every (label, uint8 RGB image) and compare their detections."""
-    comparison = PrepostComparison(dict(entry))
-    for label, image in images:
-        expected, transform = reference_detections(reference, image, spec)
-        feeds, _ = artifact_feeds(entry, image, spec)
-        found = artifact_detections(entry, candidate(feeds), transform, spec)
-        comparison.images.append(compare_detections(label, expected, found))
-    return comparison
+    return run_prepost_images(
+        entry, spec, reference, lambda feeds_list: [candidate(f) for f in feeds_list], images
+    )
 
 
 def synthetic_images(spec: ModelSpec, seed: int, count: int) -> list[tuple[str, np.ndarray]]:
@@ -284,7 +280,7 @@ class PrepostVerification:
         }
 
 
-BatchRunner = Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]]
+BatchRunner = Callable[[Sequence[Mapping[str, np.ndarray]]], Sequence[Mapping[str, np.ndarray]]]
 
 
 def run_prepost_images(
