@@ -80,6 +80,7 @@ def tune_phase(target: TunedTarget, ctx: BuildContext) -> str:
         "tasks": len(tasks),
         "functions_from_database": counts["from_database"],
         "functions_template_default": counts["template_default"],
+        "functions_injective_default": counts["injective_default"],
         "functions_unscheduled": counts["unscheduled"],
         "search_seconds": round(outcome.seconds, 1),
         "stopped_by": outcome.stopped_by,
@@ -103,7 +104,8 @@ def tune_phase(target: TunedTarget, ctx: BuildContext) -> str:
         ctx.warn(
             f"partly tuned build: {counts['untuned_tasks']} of {len(tasks)} kernels are not in "
             f"the tuning database ({counts['template_default']} use the convolution template's "
-            f"default tiles, {counts['unscheduled']} TVM's default schedules); {how}"
+            f"default tiles, {counts['injective_default']} detc's default schedule for data "
+            f"movement, {counts['unscheduled']} TVM's default schedules); {how}"
         )
     return (
         f"{len(tasks) - counts['untuned_tasks']}/{len(tasks)} tasks from the database, "

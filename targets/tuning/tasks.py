@@ -151,15 +151,22 @@ def apply_schedules(
     tiles_for: TemplateTiles | None = None,
 ) -> tuple[Any, dict]:
     """Replace each task's functions by its best database schedule (else the template default
-    for a convolution, with ``tiles_for``'s tiles). Returns the module and counts:
-    from_database, template_default, unscheduled (functions left with TVM's default loop
-    nests), untuned_tasks."""
+    for a convolution, with ``tiles_for``'s tiles, or the fixed default of kernels/injective.py
+    for anything else). Returns the module and counts: from_database, template_default,
+    injective_default, unscheduled (functions left with TVM's default loop nests),
+    untuned_tasks."""
     import tvm
 
     memory = database.memory_database() if database is not None else None
     with_records = database.workloads_with_records() if database is not None else set()
     updated = tvm.IRModule(mod.functions, attrs=mod.attrs)
-    counts = {"from_database": 0, "template_default": 0, "unscheduled": 0, "untuned_tasks": 0}
+    counts = {
+        "from_database": 0,
+        "template_default": 0,
+        "injective_default": 0,
+        "unscheduled": 0,
+        "untuned_tasks": 0,
+    }
     for task in tasks:
         scheduled = None
         if memory is not None and task.key in with_records:
@@ -172,6 +179,9 @@ def apply_schedules(
             if task.templated:
                 scheduled = default_template_schedule(task.workload, tiles_for).mod["main"]
                 counts["template_default"] += len(task.gvars)
+            else:
+                scheduled = default_injective_schedule(task.workload)
+                counts["injective_default"] += len(task.gvars) if scheduled is not None else 0
         if scheduled is None:
             continue
         scheduled = scheduled.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
@@ -179,6 +189,22 @@ def apply_schedules(
             updated[gvar] = scheduled
     counts["unscheduled"] = count_unscheduled(updated)
     return updated, counts
+
+
+def default_injective_schedule(workload: Any) -> Any | None:
+    """A function without a template convolution, scheduled as an untuned build takes it
+    (kernels/injective.py's default variant); None where that schedule does not apply."""
+    import tvm
+
+    from detc.kernels.injective import default_variant, schedule_injective
+
+    sch = tvm.s_tir.Schedule(workload)
+    lanes, inline = default_variant(sch)
+    try:
+        schedule_injective(sch, lanes=lanes, inline=inline)
+    except tvm.s_tir.ScheduleError:
+        return None  # a loop nest the variant cannot restructure: TVM's own lowering stays
+    return sch.mod["main"]
 
 
 def count_unscheduled(mod: Any) -> int:
