@@ -40,16 +40,13 @@ def prepost_entry(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def artifact_feeds(
-    entry: Mapping[str, Any], image: np.ndarray, spec: ModelSpec
-) -> tuple[dict[str, np.ndarray], LetterboxTransform]:
-    """What the artifact is fed for the uint8 RGB ``image`` (h, w, 3), and the box transform the
-    Python path uses for it."""
-    from PIL import Image
-
-    tensor, transform = preprocess(Image.fromarray(image), spec)
+    entry: Mapping[str, Any], image: np.ndarray, tensor: np.ndarray, spec: ModelSpec
+) -> dict[str, np.ndarray]:
+    """What the artifact is fed for the uint8 RGB ``image`` (h, w, 3): the image itself when it
+    preprocesses, else ``tensor``, the Python path's preprocessing of it."""
     if entry.get("preprocess"):
-        return {"image": np.ascontiguousarray(image, dtype=np.uint8)}, transform
-    return {spec.input_name: tensor}, transform
+        return {"image": np.ascontiguousarray(image, dtype=np.uint8)}
+    return {spec.input_name: tensor}
 
 
 def artifact_detections(
@@ -74,16 +71,13 @@ def artifact_detections(
 
 
 def reference_detections(
-    reference: Runner, image: np.ndarray, spec: ModelSpec
-) -> tuple[Detections, LetterboxTransform]:
-    """The float reference path on ``image``: Python preprocess, the reference model, the Python
+    reference: Runner, tensor: np.ndarray, transform: LetterboxTransform, spec: ModelSpec
+) -> Detections:
+    """The float reference path on a preprocessed image: the reference model, the Python
     decoder, boxes mapped to original pixels."""
-    from PIL import Image
-
-    tensor, transform = preprocess(Image.fromarray(image), spec)
     outputs = dict(reference({spec.input_name: tensor}))
     found = decode(get_decoder(spec.decoder), outputs, spec)
-    return found.with_boxes(transform.boxes_to_original(found.boxes)), transform
+    return found.with_boxes(transform.boxes_to_original(found.boxes))
 
 
 @dataclass(frozen=True)
@@ -292,15 +286,20 @@ def run_prepost_images(
 ) -> PrepostComparison:
     """:func:`compare_on_images` with the artifact run once over every image (one batch: an
     emulated or remote artifact pays its start-up once)."""
-    feeds_list, transforms = [], []
-    for _, image in images:
-        feeds, transform = artifact_feeds(entry, image, spec)
-        feeds_list.append(feeds)
-        transforms.append(transform)
-    outputs = candidate(feeds_list)
+    from PIL import Image
+
+    # the Python preprocessing once per image: the reference reads it, and so does the artifact
+    # when it does not preprocess itself
+    prepared = [preprocess(Image.fromarray(image), spec) for _, image in images]
+    outputs = candidate(
+        [
+            artifact_feeds(entry, image, tensor, spec)
+            for (_, image), (tensor, _) in zip(images, prepared, strict=True)
+        ]
+    )
     comparison = PrepostComparison(dict(entry))
-    for (label, image), transform, produced in zip(images, transforms, outputs, strict=True):
-        expected, _ = reference_detections(reference, image, spec)
+    for (label, _), (tensor, transform), produced in zip(images, prepared, outputs, strict=True):
+        expected = reference_detections(reference, tensor, transform, spec)
         found = artifact_detections(entry, produced, transform, spec)
         comparison.images.append(compare_detections(label, expected, found))
     return comparison
