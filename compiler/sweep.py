@@ -1,10 +1,12 @@
-"""Measured trade-off of an approximate pass: MACs, onnxruntime latency and mAP per setting.
+"""Measured trade-off of an approximate pass: MACs, latency and mAP per setting.
 
 ``detc sweep MODEL --pass prune --values 0.1,0.2,0.3 --data DATASET --decoder NAME`` runs, for
 each value, the base pipeline followed by the pass with its sweep option set to that value
-(``prune{ratio=0.2}``), then measures the result against the base model on the same footing:
-MACs from shape inference, latency interleaved with the base model in one onnxruntime process
-(same input, same thread count), and COCO mAP on the dataset. A table and a plot come out.
+(``prune{ratio=0.2}``) and by the ``then`` passes (``recover{minutes=20}``: the mAP after
+recovery), then measures the result against the base model on the same footing: MACs from shape
+inference, latency interleaved with the base model in one onnxruntime process (same input, same
+thread count), with ``target`` also detc's own latency (both compiled with detc's default build,
+timed interleaved), and COCO mAP on the dataset. A table and a plot come out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from detc.compiler.bench import bench_interleaved
 from detc.compiler.detection.spec import ModelSpec
 from detc.compiler.errors import BadInputError
 from detc.compiler.ir.stats import graph_stats
@@ -39,14 +42,28 @@ class SweepPoint:
     base_latency_ms: float  # median of the base model in the same interleaved run
     map: float | None  # COCO mAP@[.5:.95], 0..1
     map50: float | None
+    #: detc's compiled build of the candidate and of the base model, interleaved (with a target)
+    detc_latency_ms: float | None = None
+    detc_base_latency_ms: float | None = None
 
     @property
     def latency_reduction(self) -> float:
         """1 - candidate / base latency (medians of the same interleaved run)."""
         return 1.0 - self.latency_ms / self.base_latency_ms
 
+    @property
+    def detc_latency_reduction(self) -> float | None:
+        if self.detc_latency_ms is None or not self.detc_base_latency_ms:
+            return None
+        return 1.0 - self.detc_latency_ms / self.detc_base_latency_ms
+
     def to_dict(self) -> dict[str, Any]:
-        return {**vars(self), "latency_reduction": round(self.latency_reduction, 4)}
+        reduction = self.detc_latency_reduction
+        return {
+            **vars(self),
+            "latency_reduction": round(self.latency_reduction, 4),
+            "detc_latency_reduction": None if reduction is None else round(reduction, 4),
+        }
 
 
 @dataclass
@@ -61,6 +78,7 @@ class SweepResult:
     base_map50: float | None
     points: list[SweepPoint] = field(default_factory=list)
     plot: str | None = None
+    target: str | None = None  # detc's latency measured for this target too
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +92,7 @@ class SweepResult:
             "base_map50": self.base_map50,
             "points": [p.to_dict() for p in self.points],
             "plot": self.plot,
+            "target": self.target,
         }
 
     def table(self) -> str:
@@ -83,21 +102,31 @@ class SweepResult:
         def drop(value: float | None, base: float | None) -> str:
             return "-" if value is None or base is None else f"{100 * (base - value):+.2f}"
 
+        detc = self.target is not None
         header = (
-            f"{self.option:>12} {'MMACs':>9} {'-MACs':>7} {'latency':>10} {'-latency':>9} "
-            f"{'mAP':>7} {'drop':>7} {'mAP50':>7} {'drop':>7}"
+            f"{self.option:>12} {'MMACs':>9} {'-MACs':>7} {'onnxruntime':>11} {'-latency':>9} "
+            + (f"{'detc':>10} {'-latency':>9} " if detc else "")
+            + f"{'mAP':>7} {'drop':>7} {'mAP50':>7} {'drop':>7}"
         )
+        blank = f"{'':>10} {'':>9} " if detc else ""
         lines = [
             f"sweep of {self.pass_name} over {self.option} on {self.model} "
-            f"(base: {self.base_pipeline or 'no passes'}, {self.threads} threads)",
+            f"(base: {self.base_pipeline or 'no passes'}, {self.threads} threads"
+            + (f"; detc: default build for {self.target}" if detc else "")
+            + ")",
             header,
-            f"{'base':>12} {self.base_macs / 1e6:>9.1f} {'':>7} {'':>10} {'':>9} "
+            f"{'base':>12} {self.base_macs / 1e6:>9.1f} {'':>7} {'':>11} {'':>9} {blank}"
             f"{points(self.base_map):>7} {'':>7} {points(self.base_map50):>7} {'':>7}",
         ]
         for p in self.points:
+            compiled = ""
+            if detc and p.detc_latency_ms is not None:
+                compiled = (
+                    f"{p.detc_latency_ms:>8.2f}ms {100 * (p.detc_latency_reduction or 0.0):>8.1f}% "
+                )
             lines.append(
                 f"{p.value:>12} {p.macs / 1e6:>9.1f} {100 * p.mac_reduction:>6.1f}% "
-                f"{p.latency_ms:>8.2f}ms {100 * p.latency_reduction:>8.1f}% "
+                f"{p.latency_ms:>9.2f}ms {100 * p.latency_reduction:>8.1f}% {compiled}"
                 f"{points(p.map):>7} {drop(p.map, self.base_map):>7} "
                 f"{points(p.map50):>7} {drop(p.map50, self.base_map50):>7}"
             )
@@ -124,6 +153,8 @@ def sweep(
     save_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     on_point: Callable[[SweepPoint], None] | None = None,
+    then: str = "",
+    target: str | None = None,
 ) -> SweepResult:
     """Measure ``pass_name`` at each of ``values`` of its sweep option (or ``option``).
 
@@ -132,9 +163,10 @@ def sweep(
     ``spec`` defaults to the one inferred from the model, ``decoder`` overrides its decoder.
     ``plot`` is where the PNG goes (default: none); ``save_dir`` keeps each candidate model as
     ``<option>-<value>.onnx``. Latency is the median of ``runs`` runs of each model, interleaved
-    with the base model's.
+    with the base model's. ``then`` is pipeline text run after the swept pass (e.g.
+    ``recover{minutes=20,images=DIR}``); ``target`` (e.g. ``x86``) also compiles the base model
+    and every candidate with detc's default build and times them interleaved.
     """
-    from detc.compiler.bench import bench_interleaved
     from detc.compiler.driver import optimize
     from detc.compiler.ir.pipeline import parse_pipeline
     from detc.compiler.ir.registry import get_pass
@@ -149,12 +181,16 @@ def sweep(
         )
     extra = f",{pass_options.strip(',')}" if pass_options.strip(",") else ""
     pipelines = [
-        ",".join(s for s in (base_pipeline, f"{pass_name}{{{chosen}={v}{extra}}}") if s)
+        ",".join(s for s in (base_pipeline, f"{pass_name}{{{chosen}={v}{extra}}}", then) if s)
         for v in values
     ]
     for text in pipelines:  # a typo in an option fails here, before the long measurements
         parse_pipeline(text).instantiate()
 
+    if target is not None:
+        from detc.targets import resolve_target
+
+        resolve_target(target)  # a misspelt target fails before the long measurements
     base_loaded, _ = optimize(model, base_pipeline or "", input_shapes=input_shapes)
     base_proto = to_proto(base_loaded.model)
     base_session = ort_session(base_proto, threads=threads)
@@ -170,50 +206,135 @@ def sweep(
         base_macs=graph_stats(base_loaded.model).macs,
         base_map=None if base_metrics is None else base_metrics[0],
         base_map50=None if base_metrics is None else base_metrics[1],
+        target=target,
     )
-    for value, text in zip(values, pipelines, strict=True):
-        loaded, _ = optimize(model, text, input_shapes=input_shapes)
-        stats = graph_stats(loaded.model)
-        proto = to_proto(loaded.model)
-        if save_dir is not None:
-            _save(proto, Path(save_dir) / f"{chosen}-{value}.onnx")
-        session = ort_session(proto, threads=threads)
-
-        def candidate(f: Mapping[str, np.ndarray], s: Any = session) -> dict[str, np.ndarray]:
-            return run_session(s, f)
-
-        metrics = evaluate(candidate)
-        timing = bench_interleaved(
-            candidate,
-            lambda f: run_session(base_session, f),
-            feeds,
-            a_name=text,
-            b_name="base",
+    with tempfile.TemporaryDirectory(prefix="detc-sweep-") as builds:
+        measure = _PointMeasurer(
+            model=model,
+            input_shapes=input_shapes,
+            save_dir=Path(save_dir) if save_dir is not None else None,
+            option=chosen,
             threads=threads,
+            feeds=feeds,
+            evaluate=evaluate,
+            base_session=base_session,
+            base_macs=result.base_macs,
             warmup=warmup,
             runs=runs,
             progress=progress,
+            builds=_Builds(target, Path(builds), threads) if target is not None else None,
         )
-        point = SweepPoint(
-            value=str(value),
-            pipeline=text,
-            macs=stats.macs,
-            parameters=stats.parameters,
-            mac_reduction=1.0 - stats.macs / result.base_macs if result.base_macs else 0.0,
-            latency_ms=float(np.median(timing.a_ms)),
-            base_latency_ms=float(np.median(timing.b_ms)),
-            map=None if metrics is None else metrics[0],
-            map50=None if metrics is None else metrics[1],
-        )
-        result.points.append(point)
-        if on_point is not None:
-            on_point(point)
+        measure.build_base(base_loaded)
+        for value, text in zip(values, pipelines, strict=True):
+            point = measure(str(value), text)
+            result.points.append(point)
+            if on_point is not None:
+                on_point(point)
     if plot is not None:
         result.plot = str(write_plot(result, Path(plot)))
     return result
 
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class _Builds:
+    """detc's default build of each model for ``target``, in ``folder``, loaded to run here."""
+
+    target: str
+    folder: Path
+    threads: int
+
+    def build(self, loaded: Any, name: str) -> Runner:
+        from detc.compiler.driver import compile_model
+        from detc.compiler.ir.pipeline import Pipeline
+        from detc.targets import load_artifact
+
+        out = self.folder / name
+        # the model is already transformed: no passes, the target's default build
+        compile_model(
+            loaded,
+            target=self.target,
+            out_dir=out,
+            pipeline=Pipeline(()),
+            num_threads=self.threads,
+            progress=False,
+        )
+        return load_artifact(out, num_threads=self.threads).run
+
+
+@dataclass
+class _PointMeasurer:
+    """Everything a setting is measured against: the base model's session, build and mAP."""
+
+    model: str | os.PathLike[str]
+    input_shapes: Mapping[str, tuple[int, ...]] | None
+    save_dir: Path | None
+    option: str
+    threads: int
+    feeds: dict[str, np.ndarray]
+    evaluate: Callable[[Runner], tuple[float, float] | None]
+    base_session: Any
+    base_macs: int
+    warmup: int
+    runs: int
+    progress: bool
+    builds: _Builds | None
+    base_build: Runner | None = None
+
+    def build_base(self, loaded: Any) -> None:
+        if self.builds is not None:
+            self.base_build = self.builds.build(loaded, "base")
+
+    def _timed(self, candidate: Runner, base: Runner, name: str) -> tuple[float, float]:
+        timing = bench_interleaved(
+            candidate,
+            base,
+            self.feeds,
+            a_name=name,
+            b_name="base",
+            threads=self.threads,
+            warmup=self.warmup,
+            runs=self.runs,
+            progress=self.progress,
+        )
+        return float(np.median(timing.a_ms)), float(np.median(timing.b_ms))
+
+    def __call__(self, value: str, text: str) -> SweepPoint:
+        from detc.compiler.driver import optimize
+
+        loaded, _ = optimize(self.model, text, input_shapes=self.input_shapes)
+        stats = graph_stats(loaded.model)
+        proto = to_proto(loaded.model)
+        if self.save_dir is not None:
+            _save(proto, self.save_dir / f"{self.option}-{value}.onnx")
+        session = ort_session(proto, threads=self.threads)
+
+        def candidate(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return run_session(session, f)
+
+        metrics = self.evaluate(candidate)
+        latency, base_latency = self._timed(
+            candidate, lambda f: run_session(self.base_session, f), text
+        )
+        detc_latency = detc_base_latency = None
+        if self.builds is not None and self.base_build is not None:
+            build = self.builds.build(loaded, f"{self.option}-{value}")
+            detc_latency, detc_base_latency = self._timed(build, self.base_build, text)
+        return SweepPoint(
+            value=value,
+            pipeline=text,
+            macs=stats.macs,
+            parameters=stats.parameters,
+            mac_reduction=1.0 - stats.macs / self.base_macs if self.base_macs else 0.0,
+            latency_ms=latency,
+            base_latency_ms=base_latency,
+            map=None if metrics is None else metrics[0],
+            map50=None if metrics is None else metrics[1],
+            detc_latency_ms=detc_latency,
+            detc_base_latency_ms=detc_base_latency,
+        )
 
 
 def _evaluator(
@@ -263,11 +384,14 @@ def write_plot(result: SweepResult, path: Path) -> Path:
 
     x = [100 * p.mac_reduction for p in result.points]
     figure, (speed, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
-    speed.plot(x, [100 * p.latency_reduction for p in result.points], "o-", label="measured")
+    speed.plot(x, [100 * p.latency_reduction for p in result.points], "o-", label="onnxruntime")
+    compiled = [p.detc_latency_reduction for p in result.points]
+    if result.target is not None and all(r is not None for r in compiled):
+        speed.plot(x, [100 * (r or 0.0) for r in compiled], "s-", label=f"detc ({result.target})")
     top = max([*x, 1.0])
     speed.plot([0, top], [0, top], ":", color="grey", label="latency ∝ MACs")
     speed.set_xlabel("MAC reduction (%)")
-    speed.set_ylabel("onnxruntime latency reduction (%)")
+    speed.set_ylabel("latency reduction (%)")
     speed.set_title(f"{result.threads} threads, interleaved medians")
     speed.legend()
     if result.base_map is not None:

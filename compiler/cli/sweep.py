@@ -18,11 +18,19 @@ from detc.compiler.errors import BadInputError
 @click.option("--option", default=None, help="Which option --values sets (default: the pass's).")
 @click.option("--options", "pass_options", default="", help="Further options, e.g. ridge=0.01.")
 @click.option(
+    "--then",
+    "then",
+    default="",
+    metavar="PASSES",
+    help="Passes run after the swept one, e.g. 'recover{minutes=20}': the mAP after recovery.",
+)
+@click.option(
     "--calib",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
     metavar="DIR",
-    help="Calibration images for the data-aware parts (the same as --options calib=DIR).",
+    help="Calibration images of the swept pass and of every --then pass that reads them "
+    "(recover's images).",
 )
 @click.option(
     "--data",
@@ -32,6 +40,12 @@ from detc.compiler.errors import BadInputError
 )
 @decoder_option
 @max_images_option
+@click.option(
+    "--target",
+    default=None,
+    help="Also compile the base model and every setting for this target (detc's default "
+    "build) and time them interleaved: detc's own latency beside onnxruntime's.",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option(
@@ -47,23 +61,30 @@ def sweep_cmd(
     values: str,
     option: str | None,
     pass_options: str,
+    then: str,
     calib: Path | None,
     data: Path | None,
     decoder: str | None,
     max_images: int | None,
     threads: int,
+    target: str | None,
     runs: int,
     plot: Path | None,
     as_json: bool,
 ) -> None:
-    """MAC reduction, onnxruntime latency and mAP of an approximate pass at several settings.
+    """MAC reduction, latency and mAP of an approximate pass at several settings.
 
     The curve to choose a setting from: e.g. `detc sweep m.onnx --pass prune --values
-    0.1,0.2,0.3 --calib images/ --data coco/ --decoder yolov5 --plot sweep.png`.
+    0.1,0.2,0.3 --calib images/ --data coco/ --decoder yolov5 --plot sweep.png`; with
+    `--then 'recover{minutes=20}'` the mAP after recovery, with `--target x86` detc's own
+    latency (compiled, interleaved) beside onnxruntime's.
     """
+    from detc.compiler.ir.pipeline import parse_pipeline, with_calibration_images
     from detc.compiler.sweep import sweep
 
     settings = [v.strip() for v in values.split(",") if v.strip()]
+    if then.strip():
+        then = str(parse_pipeline(then))  # a typo fails now, naming the text
     if calib is not None:
         from detc.compiler.ir.registry import get_pass
 
@@ -71,6 +92,8 @@ def sweep_cmd(
         if key is None:
             raise BadInputError(f"--calib {calib}: pass '{pass_name}' reads no calibration images")
         pass_options = ",".join(o for o in (pass_options, f"{key}={calib}") if o)
+        if then.strip():
+            then = str(with_calibration_images(parse_pipeline(then), str(calib))[0])
     result = sweep(
         model,
         pass_name,
@@ -79,6 +102,8 @@ def sweep_cmd(
         decoder=decoder,
         option=option,
         pass_options=pass_options,
+        then=then.strip(),
+        target=target,
         threads=threads,
         runs=runs,
         max_images=max_images,
