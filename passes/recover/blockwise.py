@@ -118,6 +118,8 @@ def reconstruct_blocks(
             [{"params": [student.parameters[n]], "lr": lr_for(n)} for n in block.parameters]
         )
         for _ in range(steps):
+            if time_left() <= 0:
+                break  # the budget is wall-clock: a block stops mid-fit, and is judged as is
             rows = torch.as_tensor(rng.choice(count, size=min(batch, count), replace=False))
             loss = loss_on(rows)
             optimizer.zero_grad(set_to_none=True)

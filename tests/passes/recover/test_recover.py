@@ -214,3 +214,16 @@ def test_bad_options_are_one_line_errors_with_exit_2(
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_block_wise_fitting_stops_when_the_wall_clock_budget_is_spent(
+    teacher_path: Path, images: Path
+) -> None:
+    """A block stops mid-fit at the deadline: 10^6 Adam steps per block would run for hours."""
+    student = damaged(tiny_detector())
+    recover = _recover(
+        student, teacher_path, images, recipe="blocks", block_steps=10**6, minutes=0.05
+    )
+    report = recover.report
+    assert report is not None
+    assert report.seconds < 60.0, report.seconds  # a 3-second budget, a minute of slack for load
