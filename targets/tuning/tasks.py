@@ -193,13 +193,16 @@ def apply_schedules(
 
 def default_injective_schedule(workload: Any) -> Any | None:
     """A function without a template convolution, scheduled as an untuned build takes it
-    (kernels/injective.py's default variant); None where that schedule does not apply."""
+    (kernels/injective.py's default variant); None where TVM's own lowering is that default
+    (copies, reductions) or the variant does not apply."""
     import tvm
 
     from detc.kernels.injective import default_variant, schedule_injective
 
     sch = tvm.s_tir.Schedule(workload)
     lanes, inline = default_variant(sch)
+    if lanes < 0:
+        return None
     try:
         schedule_injective(sch, lanes=lanes, inline=inline)
     except tvm.s_tir.ScheduleError:

@@ -178,10 +178,13 @@ def test_without_search_a_missing_kernel_is_counted_and_named(tuned: dict, tmp_p
     assert tuning["trials"] == 0 and tuning["tuned"] is False
     assert tuning["untuned_tasks"] == tuning["tasks"] and tuning["database_digest"] is None
     # The convolutions fall back to the template's default tiles, the rest to detc's default
-    # schedule for data movement (kernels/injective.py): nothing keeps TVM's serial loops.
+    # schedule for data movement (kernels/injective.py) or, for plain copies and reductions,
+    # to TVM's own lowering.
     assert tuning["functions_template_default"] == 3
-    assert tuning["functions_injective_default"] == tuning["tasks"] - 3
-    assert tuning["functions_unscheduled"] == 0
+    assert (
+        tuning["functions_injective_default"] + tuning["functions_unscheduled"]
+        == tuning["tasks"] - 3
+    )
     assert any(n.startswith("partly tuned build:") for n in notices)
     x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(
