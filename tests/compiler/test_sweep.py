@@ -7,12 +7,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
+from detc.compiler.sweep import SweepResult
 from tests.passes.prune.test_prune import detector
 
 
@@ -23,24 +25,27 @@ def model_path(tmp_path: Path) -> Path:
     return path
 
 
-def test_with_a_target_each_setting_is_compiled_and_timed_against_the_compiled_base(
-    model_path: Path,
-) -> None:
+def _sweep_half_the_channels(model_path: Path, **extra: Any) -> SweepResult:
     from detc.compiler.sweep import sweep
 
-    result = sweep(
+    return sweep(
         model_path,
         "prune",
         [0.5],
         option="ratio",
         pass_options="multiple=2,scope=layer",
-        then="eliminate-dead-code",
-        target="x86",
         runs=3,
         warmup=1,
         threads=1,
         progress=False,
+        **extra,
     )
+
+
+def test_with_a_target_each_setting_is_compiled_and_timed_against_the_compiled_base(
+    model_path: Path,
+) -> None:
+    result = _sweep_half_the_channels(model_path, then="eliminate-dead-code", target="x86")
     (point,) = result.points
     assert point.pipeline == "default,prune{ratio=0.5,multiple=2,scope=layer},eliminate-dead-code"
     assert point.detc_latency_ms is not None and point.detc_latency_ms > 0
@@ -54,19 +59,7 @@ def test_with_a_target_each_setting_is_compiled_and_timed_against_the_compiled_b
 
 
 def test_without_a_target_nothing_is_compiled(model_path: Path) -> None:
-    from detc.compiler.sweep import sweep
-
-    result = sweep(
-        model_path,
-        "prune",
-        [0.5],
-        option="ratio",
-        pass_options="multiple=2,scope=layer",
-        runs=2,
-        warmup=1,
-        threads=1,
-        progress=False,
-    )
+    result = _sweep_half_the_channels(model_path)
     (point,) = result.points
     assert point.detc_latency_ms is None and point.detc_latency_reduction is None
     assert "detc" not in result.table().splitlines()[1]
