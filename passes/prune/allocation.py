@@ -60,10 +60,7 @@ def allocate(
     probe: OutputProbe | None = None,
 ) -> dict[int, int]:
     """How many units each candidate group keeps."""
-    floor = {
-        g.index: round_keep(math.ceil(g.size * (1 - opts.max_ratio)), g.size, opts.multiple)
-        for g in groups
-    }
+    floor = {g.index: fewest_kept(g.size, opts.max_ratio, opts.multiple) for g in groups}
 
     def uniform(ratio: float) -> dict[int, int]:
         return {
@@ -102,6 +99,14 @@ def allocate(
         return cache[key]
 
     return _greedy(groups, rankings, cost, floor, opts, local)
+
+
+def fewest_kept(size: int, max_ratio: float, multiple: int) -> int:
+    """The fewest units a group of ``size`` may keep: a whole multiple, rounded *up*, so that
+    it never loses more than ``max_ratio`` (rounded to the nearest, a 32-channel group with
+    max_ratio=0.3 and multiple=16 would lose half)."""
+    least = math.ceil(size * (1 - max_ratio) - 1e-9)
+    return min(size, max(multiple, multiple * math.ceil(least / multiple)))
 
 
 def _local_hurt(

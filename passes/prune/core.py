@@ -129,7 +129,8 @@ class PrunePass(DetcPass):
         if allocation == "auto":
             allocation = "outputs" if stats is not None else "consumers"
         if opts.scope == "global" and allocation == "outputs" and stats is not None:
-            probe = OutputProbe(model, cg, feeds[: opts.probe_images], opts.spec)
+            metric = "detections" if opts.probe_metric == "auto" else opts.probe_metric
+            probe = OutputProbe(model, cg, feeds[: opts.probe_images], opts.spec, metric)
             report.probe_metric = probe.metric
             report.probe_images = min(opts.probe_images, len(feeds))
             logger.info(

@@ -21,12 +21,19 @@ from detc.passes.prune.groups import ChannelGraph, ChannelGroup
 from detc.passes.prune.options import ProbeCut
 from detc.passes.prune.reconstruct import patch_mask
 from detc.passes.prune.statistics import Statistics, is_head, one_shot
+from detc.passes.recover.losses import HeadLayout, yolo_head_layout
 
 #: how deep (fraction of its channels) allocation=outputs cuts each group, alone, to measure it
 _PROBE_DEPTHS = (0.125, 0.25, 0.375, 0.5)
 #: a reference detection from this score up is a pseudo ground truth of the agreement score
 _CONFIDENT_SCORE = 0.25
 _IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+_EPS = 1e-6
+DETECTIONS_METRIC = "1 - mAP@[.5:.95] against the original's detections"
+HEADS_METRIC = (
+    "head error: objectness and class KL, boxes in grid and anchor units, per expected object"
+)
+FEATURES_METRIC = "relative squared error of the head Convs' outputs"
 
 
 def probe_cuts(group: ChannelGroup, floor: int, multiple: int) -> list[int]:
@@ -86,6 +93,7 @@ class OutputProbe:
         cg: ChannelGraph,
         feeds: Sequence[dict[str, np.ndarray]],
         spec_path: Path | None,
+        metric: str = "detections",
     ) -> None:
         heads = [r.node.outputs[0] for r in cg.convs if is_head(cg, r.node)]
         self._compared = [v.name for v in heads if v.name and not v.is_graph_output()]
@@ -99,14 +107,19 @@ class OutputProbe:
         self._reference = [run_session(session, feed) for feed in self._feeds]
         self._spec = self._detection_spec(spec_path)
         self._truths: list[Detections] | None = None
-        if self._spec is not None:
+        self._layouts: dict[str, HeadLayout] = {}
+        if metric == "heads" and self._spec is not None:
+            self._layouts = _yolo_layouts(self._reference[0], self._compared, self._spec)
+        if self._spec is not None and not self._layouts:
             self._truths = [d.above(_CONFIDENT_SCORE) for d in self._detections(self._reference)]
             if not any(len(d) for d in self._truths):
                 self._truths = None
         self.metric = (
-            "1 - mAP@[.5:.95] against the original's detections"
+            HEADS_METRIC
+            if self._layouts
+            else DETECTIONS_METRIC
             if self._truths is not None
-            else "relative squared error of the head Convs' outputs"
+            else FEATURES_METRIC
         )
         self.cuts: list[ProbeCut] = []
 
@@ -143,9 +156,78 @@ class OutputProbe:
             target.input.extend(inputs)
         session = ort_session(proto)
         outputs = [run_session(session, feed) for feed in self._feeds]
+        if self._layouts:
+            return head_error(self._reference, outputs, self._layouts)
         if self._truths is not None:
             return 1.0 - agreement(self._truths, self._detections(outputs))
         return _relative_error(self._reference, outputs, self._compared)
+
+
+def _yolo_layouts(
+    reference: dict[str, np.ndarray], names: Sequence[str], spec: ModelSpec
+) -> dict[str, HeadLayout]:
+    """The YOLOv5 layout of every compared head, or none when one of them has another.
+
+    The class count is the spec's, else read off the decoded output's rows (box, objectness,
+    then one score per class).
+    """
+    classes = len(spec.class_names)
+    decoded = reference.get(spec.output_name or "", next(iter(reference.values())))
+    if not classes and decoded.ndim == 3:
+        classes = decoded.shape[-1] - 5
+    layouts = {}
+    for name in names:
+        value = reference[name]
+        layout = None
+        if value.ndim == 4:
+            layout = yolo_head_layout(value.shape[1], spec.decoder, classes)
+        if layout is None:
+            return {}
+        layouts[name] = layout
+    return layouts
+
+
+def _bernoulli_kl(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """KL(teacher || student) of Bernoulli variables from the student's logits; 0 on agreement."""
+    bce = np.maximum(logits, 0) - logits * target + np.log1p(np.exp(-np.abs(logits)))
+    clamped = np.clip(target, _EPS, 1 - _EPS)
+    entropy = -(clamped * np.log(clamped) + (1 - clamped) * np.log(1 - clamped))
+    return bce - entropy
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def head_error(
+    reference: Sequence[dict[str, np.ndarray]],
+    outputs: Sequence[dict[str, np.ndarray]],
+    layouts: dict[str, HeadLayout],
+) -> float:
+    """The error recover minimises, on raw YOLOv5 heads: objectness and classes as Bernoulli
+    KL, box centres in grid cells and sizes in anchor units (boxes and classes weighted by the
+    original's objectness), all over the original's expected object count.
+
+    Unlike the agreement of confident detections it is continuous: a cut that moves scores
+    below the confidence floor or shifts boxes by a fraction of a cell still counts, so a few
+    images rank small cuts instead of scoring most of them 0.
+    """
+    box = objectness = classes = objects = 0.0
+    for expected, actual in zip(reference, outputs, strict=True):
+        for name, layout in layouts.items():
+            batch, _, rows, cols = expected[name].shape
+            shape = (batch, layout.anchors, layout.per_anchor, rows, cols)
+            s = actual[name].astype(np.float64).reshape(shape)
+            t = expected[name].astype(np.float64).reshape(shape)
+            ps, pt = _sigmoid(s), _sigmoid(t)
+            weight = pt[:, :, 4]
+            centre = ((2 * ps[:, :, 0:2] - 2 * pt[:, :, 0:2]) ** 2).sum(2)
+            size = ((4 * ps[:, :, 2:4] ** 2 - 4 * pt[:, :, 2:4] ** 2) ** 2).sum(2)
+            box += float(((centre + size) * weight).sum())
+            objectness += float(_bernoulli_kl(s[:, :, 4], weight).sum())
+            classes += float((_bernoulli_kl(s[:, :, 5:], pt[:, :, 5:]).sum(2) * weight).sum())
+            objects += float(weight.sum())
+    return (box + objectness + classes) / (objects + 1.0)
 
 
 def _relative_error(

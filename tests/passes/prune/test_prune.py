@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -392,16 +393,20 @@ def yolo_like(rng: np.random.Generator) -> ir.Model:
     )
 
 
-def test_probe_scores_detections_against_the_originals(
-    rng: np.random.Generator, calib_dir: Path
-) -> None:
+def _yolo_probe(rng: np.random.Generator, calib_dir: Path, metric: str) -> tuple[ir.Model, Any]:
+    """A YOLO-like model and the output probe of allocation=outputs on four calibration images."""
     from detc.passes.calibration import calibration_feeds
     from detc.passes.prune.probe import OutputProbe
 
     model = yolo_like(rng)
-    cg = analyze_channels(model.graph)
     feeds = calibration_feeds(model, calib_dir, max_images=4)
-    probe = OutputProbe(model, cg, feeds, None)
+    return model, OutputProbe(model, analyze_channels(model.graph), feeds, None, metric)
+
+
+def test_probe_scores_detections_against_the_originals(
+    rng: np.random.Generator, calib_dir: Path
+) -> None:
+    model, probe = _yolo_probe(rng, calib_dir, "detections")
     assert probe.metric == "1 - mAP@[.5:.95] against the original's detections"
     assert probe.distortion({}) == 0.0  # the original agrees with itself
 
@@ -508,3 +513,64 @@ def test_sweep_cli_passes_calib_to_the_pass(
     (point,) = json.loads(result.stdout)["points"]
     expected = f"default,prune{{mac_reduction=0.25,multiple=2,calib={calib_dir}}}"
     assert point["pipeline"] == expected
+
+
+def test_heads_metric_is_continuous_and_zero_on_agreement(
+    rng: np.random.Generator, calib_dir: Path
+) -> None:
+    from detc.passes.prune.probe import HEADS_METRIC
+
+    model, probe = _yolo_probe(rng, calib_dir, "heads")
+    assert probe.metric == HEADS_METRIC
+    assert probe.distortion({}) == pytest.approx(0.0, abs=1e-9)
+
+    head = next(n for n in model.graph if n.name == "head")
+    weight, bias = constant(head.inputs[1]), constant(head.inputs[2])
+    tiny = probe.distortion({head: (weight * 1.001, bias)})
+    nudged = probe.distortion({head: (weight * 1.01, bias)})
+    broken = probe.distortion({head: (weight * 3.0, bias)})
+    # a 0.1 % change, far too small to move a confident detection, still registers
+    assert 0.0 < tiny < nudged < broken
+
+
+def test_head_error_weighs_objectness_and_boxes_where_objects_are() -> None:
+    from detc.passes.prune.probe import head_error
+    from detc.passes.recover.losses import HeadLayout
+
+    layout = HeadLayout(anchors=1, classes=1)
+    reference = np.zeros((1, 6, 1, 2))
+    reference[0, 4] = [4.0, -4.0]  # an object in cell 0, background in cell 1
+    shifted_at_object = reference.copy()
+    shifted_at_object[0, 0, 0, 0] += 1.0  # box centre moves where the object is
+    shifted_at_background = reference.copy()
+    shifted_at_background[0, 0, 0, 1] += 1.0  # same move where there is none
+
+    def error(actual: np.ndarray) -> float:
+        return head_error([{"h": reference}], [{"h": actual}], {"h": layout})
+
+    assert error(reference) == pytest.approx(0.0, abs=1e-12)
+    assert error(shifted_at_object) > 10 * error(shifted_at_background) > 0.0
+    lost_object = reference.copy()
+    lost_object[0, 4, 0, 0] = -4.0  # objectness falls below any score floor
+    assert error(lost_object) > error(shifted_at_object)
+
+
+@pytest.mark.parametrize(
+    ("size", "max_ratio", "multiple", "fewest"),
+    [
+        (32, 0.3, 16, 32),
+        (32, 0.5, 16, 16),
+        (128, 0.3, 16, 96),
+        (64, 0.25, 8, 48),
+        (16, 0.9, 16, 16),
+    ],
+)
+def test_no_group_loses_more_than_max_ratio(
+    size: int, max_ratio: float, multiple: int, fewest: int
+) -> None:
+    from detc.passes.prune.allocation import fewest_kept
+
+    kept = fewest_kept(size, max_ratio, multiple)
+    assert kept == fewest
+    assert kept % multiple == 0 or kept == size
+    assert 1 - kept / size <= max_ratio + 1e-9
