@@ -70,7 +70,8 @@ class PruneOptions:
         "what a trial cut of allocation=outputs is scored by: detections (1 - mAP@[.5:.95] of "
         "its detections against the original's confident ones) or heads (YOLOv5 heads: "
         "objectness and class KL, boxes in grid and anchor units, per expected object; "
-        "continuous, so small cuts are told apart on few images); both fall back to the head "
+        "continuous, so small cuts are told apart on few images; recover's own loss, so it needs "
+        "torch); both fall back to the head "
         "Convs' relative squared error when the outputs do not decode; auto: detections "
         "(yolov5n -20 % MACs, 16 trial images: heads left mAP 11.1 / mAP50 25.4, detections "
         "14.3 / 24.5: heads cut the late P4/P5 layers, which costs box precision)",

@@ -21,14 +21,14 @@ from detc.passes.prune.groups import ChannelGraph, ChannelGroup
 from detc.passes.prune.options import ProbeCut
 from detc.passes.prune.reconstruct import patch_mask
 from detc.passes.prune.statistics import Statistics, is_head, one_shot
-from detc.passes.recover.losses import HeadLayout, yolo_head_layout
+from detc.passes.recover.losses import HeadLayout, HeadTerms, yolo_head_layout
+from detc.passes.torch_graph import import_torch
 
 #: how deep (fraction of its channels) allocation=outputs cuts each group, alone, to measure it
 _PROBE_DEPTHS = (0.125, 0.25, 0.375, 0.5)
 #: a reference detection from this score up is a pseudo ground truth of the agreement score
 _CONFIDENT_SCORE = 0.25
 _IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
-_EPS = 1e-6
 DETECTIONS_METRIC = "1 - mAP@[.5:.95] against the original's detections"
 HEADS_METRIC = (
     "head error: objectness and class KL, boxes in grid and anchor units, per expected object"
@@ -187,47 +187,29 @@ def _yolo_layouts(
     return layouts
 
 
-def _bernoulli_kl(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """KL(teacher || student) of Bernoulli variables from the student's logits; 0 on agreement."""
-    bce = np.maximum(logits, 0) - logits * target + np.log1p(np.exp(-np.abs(logits)))
-    clamped = np.clip(target, _EPS, 1 - _EPS)
-    entropy = -(clamped * np.log(clamped) + (1 - clamped) * np.log(1 - clamped))
-    return bce - entropy
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
 def head_error(
     reference: Sequence[dict[str, np.ndarray]],
     outputs: Sequence[dict[str, np.ndarray]],
     layouts: dict[str, HeadLayout],
 ) -> float:
-    """The error recover minimises, on raw YOLOv5 heads: objectness and classes as Bernoulli
-    KL, box centres in grid cells and sizes in anchor units (boxes and classes weighted by the
-    original's objectness), all over the original's expected object count.
+    """The error recover minimises (:class:`~detc.passes.recover.losses.HeadTerms`), on raw
+    YOLOv5 heads, in float64: objectness and classes as Bernoulli KL, box centres in grid cells
+    and sizes in anchor units (boxes and classes weighted by the original's objectness), all
+    over the original's expected object count.
 
     Unlike the agreement of confident detections it is continuous: a cut that moves scores
     below the confidence floor or shifts boxes by a fraction of a cell still counts, so a few
     images rank small cuts instead of scoring most of them 0.
     """
-    box = objectness = classes = objects = 0.0
-    for expected, actual in zip(reference, outputs, strict=True):
-        for name, layout in layouts.items():
-            batch, _, rows, cols = expected[name].shape
-            shape = (batch, layout.anchors, layout.per_anchor, rows, cols)
-            s = actual[name].astype(np.float64).reshape(shape)
-            t = expected[name].astype(np.float64).reshape(shape)
-            ps, pt = _sigmoid(s), _sigmoid(t)
-            weight = pt[:, :, 4]
-            centre = ((2 * ps[:, :, 0:2] - 2 * pt[:, :, 0:2]) ** 2).sum(2)
-            size = ((4 * ps[:, :, 2:4] ** 2 - 4 * pt[:, :, 2:4] ** 2) ** 2).sum(2)
-            box += float(((centre + size) * weight).sum())
-            objectness += float(_bernoulli_kl(s[:, :, 4], weight).sum())
-            classes += float((_bernoulli_kl(s[:, :, 5:], pt[:, :, 5:]).sum(2) * weight).sum())
-            objects += float(weight.sum())
-    return (box + objectness + classes) / (objects + 1.0)
+    torch = import_torch()
+    terms = HeadTerms()
+    with torch.no_grad():
+        for expected, actual in zip(reference, outputs, strict=True):
+            for name, layout in layouts.items():
+                student = torch.from_numpy(actual[name].astype(np.float64))
+                teacher = torch.from_numpy(expected[name].astype(np.float64))
+                terms.add(torch, student, teacher, layout)
+    return float(terms.total())
 
 
 def _relative_error(
