@@ -8,6 +8,10 @@ the reference would see and a user of the candidate would not.
 Matching is greedy in descending reference score: each reference box takes the unmatched
 candidate box of the same class with the highest IoU ≥ ``iou_threshold``; failing that, the best
 candidate of another class with IoU ≥ ``iou_threshold`` is taken and counted as a class flip.
+
+:func:`map_against_reference` sums the same comparison up in one number where no labels exist:
+the candidate's COCO-style mAP with the reference's confident detections as ground truth (prune's
+trial cuts and recover's held-out checks are judged by it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from detc.compiler.detection.nms import box_iou
 
 DEFAULT_REPORT_SCORE = 0.25
 DEFAULT_MATCH_IOU = 0.5
+#: a reference detection from this score up is a pseudo ground truth of map_against_reference
+CONFIDENT_SCORE = 0.25
+_MAP_IOUS = np.linspace(0.5, 0.95, 10)
 
 
 @dataclass(frozen=True)
@@ -168,3 +175,51 @@ def aggregate_agreement(
         iou_threshold=iou_threshold,
         score_drifts=tuple(drifts.tolist()),
     )
+
+
+def map_against_reference(truths: Sequence[Detections], found: Sequence[Detections]) -> float:
+    """COCO-style mAP@[.5:.95] of ``found`` with ``truths`` as ground truth (classes apart).
+
+    Detections go by falling score; each takes the best-overlapping truth of its class not yet
+    taken at that IoU threshold; precision is interpolated at 101 recall points.
+    """
+    classes = np.unique(np.concatenate([t.class_ids for t in truths]))
+    recall_points = np.linspace(0.0, 1.0, 101)
+    precisions = []
+    for cls in classes.tolist():
+        total = sum(int((t.class_ids == cls).sum()) for t in truths)
+        scores: list[np.ndarray] = []
+        hits: list[np.ndarray] = []
+        for truth, candidate in zip(truths, found, strict=True):
+            boxes = candidate.boxes[candidate.class_ids == cls]
+            order = np.argsort(-candidate.scores[candidate.class_ids == cls], kind="stable")
+            boxes = boxes[order]
+            scores.append(candidate.scores[candidate.class_ids == cls][order])
+            targets = truth.boxes[truth.class_ids == cls]
+            matched = np.zeros((len(_MAP_IOUS), len(boxes)), bool)
+            if len(boxes) and len(targets):
+                iou = box_iou(boxes, targets)
+                for t, threshold in enumerate(_MAP_IOUS.tolist()):
+                    taken = np.zeros(len(targets), bool)
+                    for d in range(len(boxes)):
+                        row = np.where(taken, -1.0, iou[d])
+                        best = int(np.argmax(row))
+                        if row[best] >= threshold:
+                            taken[best] = True
+                            matched[t, d] = True
+            hits.append(matched)
+        all_scores = np.concatenate(scores)
+        order = np.argsort(-all_scores, kind="stable")
+        all_hits = np.concatenate(hits, axis=1)[:, order]
+        true_positives = np.cumsum(all_hits, axis=1)
+        precision = true_positives / np.arange(1, all_hits.shape[1] + 1)
+        recall = true_positives / total
+        for t in range(len(_MAP_IOUS)):
+            sampled = np.zeros(len(recall_points))
+            if len(order):
+                envelope = np.maximum.accumulate(precision[t][::-1])[::-1]
+                index = np.searchsorted(recall[t], recall_points, side="left")
+                valid = index < len(envelope)
+                sampled[valid] = envelope[index[valid]]
+            precisions.append(float(sampled.mean()))
+    return float(np.mean(precisions)) if precisions else 1.0

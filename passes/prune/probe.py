@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from detc.compiler.detection.agreement import CONFIDENT_SCORE, map_against_reference
 from detc.compiler.detection.decoders import Detections, decode
-from detc.compiler.detection.nms import box_iou
 from detc.compiler.detection.spec import ModelSpec, spec_for_model
 from detc.compiler.errors import BadInputError
 from detc.compiler.reference import ort_session, run_session, to_proto
@@ -26,9 +26,6 @@ from detc.passes.torch_graph import import_torch
 
 #: how deep (fraction of its channels) allocation=outputs cuts each group, alone, to measure it
 _PROBE_DEPTHS = (0.125, 0.25, 0.375, 0.5)
-#: a reference detection from this score up is a pseudo ground truth of the agreement score
-_CONFIDENT_SCORE = 0.25
-_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 DETECTIONS_METRIC = "1 - mAP@[.5:.95] against the original's detections"
 HEADS_METRIC = (
     "head error: objectness and class KL, boxes in grid and anchor units, per expected object"
@@ -111,7 +108,7 @@ class OutputProbe:
         if metric == "heads" and self._spec is not None:
             self._layouts = _yolo_layouts(self._reference[0], self._compared, self._spec)
         if self._spec is not None and not self._layouts:
-            self._truths = [d.above(_CONFIDENT_SCORE) for d in self._detections(self._reference)]
+            self._truths = [d.above(CONFIDENT_SCORE) for d in self._detections(self._reference)]
             if not any(len(d) for d in self._truths):
                 self._truths = None
         self.metric = (
@@ -159,7 +156,7 @@ class OutputProbe:
         if self._layouts:
             return head_error(self._reference, outputs, self._layouts)
         if self._truths is not None:
-            return 1.0 - agreement(self._truths, self._detections(outputs))
+            return 1.0 - map_against_reference(self._truths, self._detections(outputs))
         return _relative_error(self._reference, outputs, self._compared)
 
 
@@ -231,51 +228,3 @@ def _relative_error(
         variance = ((expected - expected.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
         ratios.append(error / (variance + 1e-3 * float(variance.mean()) + 1e-30))
     return float(np.concatenate(ratios).mean())
-
-
-def agreement(truths: Sequence[Detections], found: Sequence[Detections]) -> float:
-    """COCO-style mAP@[.5:.95] of ``found`` with ``truths`` as ground truth (classes apart).
-
-    Detections go by falling score; each takes the best-overlapping truth of its class not yet
-    taken at that IoU threshold; precision is interpolated at 101 recall points.
-    """
-    classes = np.unique(np.concatenate([t.class_ids for t in truths]))
-    recall_points = np.linspace(0.0, 1.0, 101)
-    precisions = []
-    for cls in classes.tolist():
-        total = sum(int((t.class_ids == cls).sum()) for t in truths)
-        scores: list[np.ndarray] = []
-        hits: list[np.ndarray] = []
-        for truth, candidate in zip(truths, found, strict=True):
-            boxes = candidate.boxes[candidate.class_ids == cls]
-            order = np.argsort(-candidate.scores[candidate.class_ids == cls], kind="stable")
-            boxes = boxes[order]
-            scores.append(candidate.scores[candidate.class_ids == cls][order])
-            targets = truth.boxes[truth.class_ids == cls]
-            matched = np.zeros((len(_IOU_THRESHOLDS), len(boxes)), bool)
-            if len(boxes) and len(targets):
-                iou = box_iou(boxes, targets)
-                for t, threshold in enumerate(_IOU_THRESHOLDS.tolist()):
-                    taken = np.zeros(len(targets), bool)
-                    for d in range(len(boxes)):
-                        row = np.where(taken, -1.0, iou[d])
-                        best = int(np.argmax(row))
-                        if row[best] >= threshold:
-                            taken[best] = True
-                            matched[t, d] = True
-            hits.append(matched)
-        all_scores = np.concatenate(scores)
-        order = np.argsort(-all_scores, kind="stable")
-        all_hits = np.concatenate(hits, axis=1)[:, order]
-        true_positives = np.cumsum(all_hits, axis=1)
-        precision = true_positives / np.arange(1, all_hits.shape[1] + 1)
-        recall = true_positives / total
-        for t in range(len(_IOU_THRESHOLDS)):
-            sampled = np.zeros(len(recall_points))
-            if len(order):
-                envelope = np.maximum.accumulate(precision[t][::-1])[::-1]
-                index = np.searchsorted(recall[t], recall_points, side="left")
-                valid = index < len(envelope)
-                sampled[valid] = envelope[index[valid]]
-            precisions.append(float(sampled.mean()))
-    return float(np.mean(precisions)) if precisions else 1.0

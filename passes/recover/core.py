@@ -15,7 +15,9 @@ The recipe is a sequence of steps, each judged on held-out images the training n
 2. ``blocks`` — block-wise reconstruction on cached crops (:mod:`.blockwise`);
 3. ``e2e``    — end-to-end distillation with progressive crop sizes and augmentation.
 
-A step that makes the held-out loss worse is undone and reported as rejected. The whole recovery
+A step that makes the held-out measure worse is undone and reported as rejected: the agreement of
+the student's detections with the teacher's where the outputs decode, else the head loss
+(:mod:`.held_out`). The whole recovery
 keeps to a wall-clock budget (``minutes``); with ``steps`` set, the end-to-end step runs exactly
 that many steps, so a seed gives the same weights on the same machine. Progress lines give the
 time left.
@@ -30,17 +32,20 @@ from typing import Any
 
 import onnx_ir as ir
 
+from detc.compiler.detection.spec import ModelSpec, spec_for_model
 from detc.compiler.errors import BadInputError
 from detc.compiler.fileio import write_file_atomically
 from detc.compiler.ir.pass_base import DetcPass, PassResult
 from detc.passes.recover.blockwise import plan_blocks, reconstruct_blocks
 from detc.passes.recover.data import AugmentedCrops, ImageSet, load_images
 from detc.passes.recover.end_to_end import distill_end_to_end
+from detc.passes.recover.held_out import HeldOut, Measure
+from detc.passes.recover.labeled import LabeledLoss, load_labeled
 from detc.passes.recover.losses import LossTarget
 from detc.passes.recover.options import RecoverOptions
 from detc.passes.recover.report import RecoverReport, StepRecord
 from detc.passes.recover.statistics import recalibrate_statistics
-from detc.passes.recover.teacher import HeldOut, loss_targets
+from detc.passes.recover.teacher import loss_targets
 from detc.passes.torch_graph import TorchGraph, import_torch
 
 logger = logging.getLogger(__name__)
@@ -127,11 +132,20 @@ class RecoverPass(DetcPass):
         budget: _Budget,
         torch: Any,
     ) -> bool:
-        from detc.compiler.detection.spec import spec_for_model
         from detc.compiler.reference import to_proto
 
         opts = self.options
         spec = spec_for_model(to_proto(model), opts.spec)
+        if opts.labels is not None:
+            if spec.decoder != "yolov5":
+                raise BadInputError(
+                    f"recover: labels= trains YOLOv5-style heads (decoder yolov5); this model's "
+                    f"decoder is {spec.decoder!r}: leave labels out to distil from the teacher"
+                )
+            if not Path(opts.labels).is_dir():
+                raise BadInputError(
+                    f"recover: labels={opts.labels} is not a COCO-format dataset folder"
+                )
         input_name = model.graph.inputs[0].name or spec.input_name
         targets = loss_targets(
             model.graph, teacher_model.graph, spec.decoder, len(spec.class_names)
@@ -145,7 +159,9 @@ class RecoverPass(DetcPass):
             seed=opts.seed,
             torch=torch,
         )
-        run = _Recovery(model, teacher_model, images, targets, input_name, opts, budget, torch)
+        run = _Recovery(
+            model, teacher_model, images, targets, input_name, spec, opts, budget, torch
+        )
         report = RecoverReport(
             teacher=teacher_label,
             train_images=len(images.train),
@@ -153,14 +169,15 @@ class RecoverPass(DetcPass):
             targets=len(targets),
             heads=sum(t.head for t in targets),
             budget_seconds=budget.seconds,
+            judged_by="detections" if run.held_out.judges_detections else "head loss",
         )
         self.report = report
-        report.initial_loss, report.initial_feature_loss = run.held_out.losses(run.student)
+        report.initial = before = run.held_out.measure(run.student)
         logger.info(
-            "recover: %d matched values (%d heads), held-out head loss %.5f, %s left",
+            "recover: %d matched values (%d heads), held-out %s, %s left",
             len(targets),
             report.heads,
-            report.initial_loss,
+            report.initial.describe(),
             _clock(budget.left()),
         )
         recipe = opts.recipe_steps
@@ -169,7 +186,6 @@ class RecoverPass(DetcPass):
                 logger.info("recover: budget spent before step %s", step)
                 break
             started = time.monotonic()
-            before = run.held_out.loss(run.student)
             saved = run.student.snapshot()
             if step == "stats":
                 detail = run.statistics()
@@ -177,24 +193,26 @@ class RecoverPass(DetcPass):
                 detail = run.blocks(leave_for_later=0.5 if "e2e" in recipe[position + 1 :] else 0.0)
             else:
                 detail = run.end_to_end(report, time.monotonic() - started)
-            after = run.held_out.loss(run.student)
-            kept = after < before
-            if not kept:
-                run.student.restore(saved)
+            after = run.held_out.measure(run.student)
+            kept = after.better_than(before)
             report.steps.append(
                 StepRecord(step, before, after, kept, time.monotonic() - started, detail)
             )
             logger.info(
-                "recover: %s: held-out head loss %.5f -> %.5f, %s (%s), %s left",
+                "recover: %s: held-out %s -> %s, %s (%s), %s left",
                 step,
-                before,
-                after,
+                before.describe(),
+                after.describe(),
                 "kept" if kept else "REJECTED, weights restored",
                 detail,
                 _clock(budget.left()),
             )
+            if kept:
+                before = after
+            else:
+                run.student.restore(saved)
             run.checkpoint(f"after-{position + 1}-{step}")
-        report.final_loss, report.final_feature_loss = run.held_out.losses(run.student)
+        report.final = before
         report.seconds = budget.elapsed()
         run.student.write_back()
         logger.info("%s", report.table())
@@ -224,6 +242,7 @@ class _Recovery:
         images: ImageSet,
         targets: list[LossTarget],
         input_name: str,
+        spec: ModelSpec,
         options: RecoverOptions,
         budget: _Budget,
         torch: Any,
@@ -238,7 +257,14 @@ class _Recovery:
         self.student = TorchGraph(model.graph, trainable=True)
         self.teacher = TorchGraph(teacher_model.graph)
         self.held_out = HeldOut(
-            self.teacher, images.held_out, images.scale, input_name, targets, torch
+            self.teacher,
+            images.held_out,
+            images.scale,
+            input_name,
+            targets,
+            torch,
+            spec=spec,
+            output_names=[v.name for v in model.graph.outputs if v.name],
         )
         self.crops = AugmentedCrops(images, options.seed, torch)
         # the step size of each tensor scales with its size at the start (BN-folded weights
@@ -248,6 +274,22 @@ class _Recovery:
             for name, t in self.student.parameters.items()
         }
         self._cached: tuple[Any, dict[str, Any]] | None = None
+        self.labeled = self._labeled(spec) if options.labels is not None else None
+
+    def _labeled(self, spec: ModelSpec) -> LabeledLoss:
+        """The detection loss on the annotated images of ``labels=``."""
+        outputs = [v.name for v in self.model.graph.outputs if v.name]
+        output = spec.output_name or outputs[0]
+        return LabeledLoss(
+            load_labeled(Path(str(self.options.labels)), spec, self.torch),
+            self.student,
+            [t.name for t in self.targets if t.head],
+            output,
+            self.input_name,
+            self.images.scale,
+            self.options.seed,
+            self.torch,
+        )
 
     def lr_for(self, name: str) -> float:
         if self.options.lr_scaling == "rms":
@@ -318,14 +360,14 @@ class _Recovery:
         seconds = max(self.budget.left() - 2 * check_seconds, 1.0)
         ticker = _Ticker()
 
-        def on_progress(step: int, size: int, loss: float, measured: float | None) -> None:
+        def on_progress(step: int, size: int, loss: float, measured: Measure | None) -> None:
             if ticker.due(now=measured is not None):
                 logger.info(
                     "recover: e2e step %d at %d px, training loss %.4f%s, %s left",
                     step,
                     size,
                     loss,
-                    "" if measured is None else f", held-out {measured:.5f}",
+                    "" if measured is None else f", held-out {measured.describe()}",
                     _clock(self.budget.left()),
                 )
 
@@ -347,8 +389,12 @@ class _Recovery:
             seconds=seconds,
             steps=self.options.steps,
             torch=self.torch,
+            labeled=self.labeled,
+            label_weight=self.options.label_weight,
+            label_batch=self.options.label_batch,
             on_progress=on_progress,
             on_check=on_check,
         )
         report.curve = curve.points
-        return f"{curve.steps} steps, best at step {curve.best_step}"
+        labels = "" if self.labeled is None else f", with {len(self.labeled.images)} labeled images"
+        return f"{curve.steps} steps, best at step {curve.best_step}{labels}"

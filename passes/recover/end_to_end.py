@@ -2,11 +2,14 @@
 
 Each step draws augmented crops, runs the teacher on them (no gradient) and the student, and
 takes an Adam step on the heads' error (:func:`detc.passes.recover.losses.head_loss`) plus
-``features`` times the error of the shared features. Crops grow from the smallest training side
+``features`` times the error of the shared features (plus, with annotated images, the detection
+loss of :mod:`.labeled`). Crops grow from the smallest training side
 to the largest (progressive resolution: small crops are cheap and teach the local features
 first), each side for an equal share of the time or steps. The learning rate follows a cosine
-over the budget. Every so often the held-out loss is measured; the weights with the lowest one
-are what the step returns (early stopping without a patience to tune).
+over the budget. Every so often the student is measured on the held-out images
+(:class:`~detc.passes.recover.held_out.Measure`: agreement of its detections with the teacher's,
+else the head loss); the best weights measured are what the step returns (early stopping without
+a patience to tune).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detc.passes.recover.data import AugmentedCrops
+from detc.passes.recover.held_out import HeldOut, Measure
+from detc.passes.recover.labeled import LabeledLoss
 from detc.passes.recover.losses import LossTarget, features_loss, head_loss
-from detc.passes.recover.teacher import HeldOut
 from detc.passes.torch_graph import TorchGraph
 
 #: held-out measurements per end-to-end run (besides the one at its start)
@@ -28,9 +32,9 @@ _CHECKS = 8
 
 @dataclass
 class TrainingCurve:
-    """Held-out loss against training progress, for the report."""
+    """Held-out measures against training progress, for the report."""
 
-    points: list[tuple[int, float, float]] = field(default_factory=list)  # (step, seconds, loss)
+    points: list[tuple[int, float, Measure]] = field(default_factory=list)  # (step, seconds, ...)
     best_step: int = 0
     steps: int = 0
 
@@ -50,7 +54,10 @@ def distill_end_to_end(
     seconds: float,
     steps: int | None,
     torch: Any,
-    on_progress: Callable[[int, int, float, float | None], None] | None = None,
+    labeled: LabeledLoss | None = None,
+    label_weight: float = 1.0,
+    label_batch: int = 2,
+    on_progress: Callable[[int, int, float, Measure | None], None] | None = None,
     on_check: Callable[[int, float], None] | None = None,
 ) -> TrainingCurve:
     """Train ``student`` in place for ``steps`` (or until ``seconds`` pass); keep the best."""
@@ -62,7 +69,7 @@ def distill_end_to_end(
         [{"params": [student.parameters[n]], "lr": base_lr[n]} for n in names]
     )
     curve = TrainingCurve()
-    best = held_out.loss(student)
+    best = held_out.measure(student)
     curve.points.append((0, 0.0, best))
     best_weights = student.snapshot()
     check_every_seconds = seconds / _CHECKS
@@ -91,6 +98,8 @@ def distill_end_to_end(
         loss = head_loss(torch, got, expected, targets)
         if features > 0:
             loss = loss + features * features_loss(torch, got, expected, targets)
+        if labeled is not None and label_weight > 0:
+            loss = loss + label_weight * labeled.loss(student, label_batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -100,18 +109,18 @@ def distill_end_to_end(
         measured = None
         if due:
             next_check += check_every_seconds
-            measured = held_out.loss(student)
+            measured = held_out.measure(student)
             curve.points.append((step, elapsed, measured))
             if on_check is not None:
                 on_check(step, elapsed)
-            if measured < best:
+            if measured.better_than(best):
                 best, curve.best_step = measured, step
                 best_weights = student.snapshot()
         if on_progress is not None:
             on_progress(step, size, float(loss.detach()), measured)
-    final = held_out.loss(student)
+    final = held_out.measure(student)
     curve.points.append((step, time.monotonic() - started, final))
-    if final < best:
+    if final.better_than(best):
         best, curve.best_step = final, step
     else:
         student.restore(best_weights)

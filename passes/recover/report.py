@@ -1,18 +1,20 @@
-"""What ``recover`` did: the held-out loss before and after each step, and which were kept."""
+"""What ``recover`` did: the held-out measures before and after each step, and which were kept."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from detc.passes.recover.held_out import Measure
+
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One recovery step; a step that made the held-out loss worse was undone (``kept`` False)."""
+    """One recovery step; one that made the held-out measure worse was undone (``kept`` False)."""
 
     step: str
-    loss_before: float
-    loss_after: float  # measured before any undo: what the step itself reached
+    before: Measure
+    after: Measure  # measured before any undo: what the step itself reached
     kept: bool
     seconds: float
     detail: str = ""
@@ -20,8 +22,10 @@ class StepRecord:
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "held_out_loss_before": self.loss_before,
-            "held_out_loss_after": self.loss_after,
+            "held_out_loss_before": self.before.loss,
+            "held_out_loss_after": self.after.loss,
+            "held_out_agreement_before": self.before.agreement,
+            "held_out_agreement_after": self.after.agreement,
             "kept": self.kept,
             "seconds": round(self.seconds, 2),
             "detail": self.detail,
@@ -38,13 +42,12 @@ class RecoverReport:
     targets: int
     heads: int
     budget_seconds: float
-    initial_loss: float = 0.0
-    initial_feature_loss: float = 0.0
-    final_loss: float = 0.0
-    final_feature_loss: float = 0.0
+    judged_by: str = "head loss"  # what decided each step: "detections" or "head loss"
+    initial: Measure = field(default_factory=lambda: Measure(0.0, 0.0))
+    final: Measure = field(default_factory=lambda: Measure(0.0, 0.0))
     seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
-    curve: list[tuple[int, float, float]] = field(default_factory=list)  # e2e (step, s, loss)
+    curve: list[tuple[int, float, Measure]] = field(default_factory=list)  # e2e (step, s, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,14 +57,23 @@ class RecoverReport:
             "targets": self.targets,
             "heads": self.heads,
             "budget_seconds": self.budget_seconds,
-            "held_out_loss_initial": self.initial_loss,
-            "held_out_feature_loss_initial": self.initial_feature_loss,
-            "held_out_loss_final": self.final_loss,
-            "held_out_feature_loss_final": self.final_feature_loss,
+            "judged_by": self.judged_by,
+            "held_out_loss_initial": self.initial.loss,
+            "held_out_feature_loss_initial": self.initial.feature_loss,
+            "held_out_agreement_initial": self.initial.agreement,
+            "held_out_loss_final": self.final.loss,
+            "held_out_feature_loss_final": self.final.feature_loss,
+            "held_out_agreement_final": self.final.agreement,
             "seconds": round(self.seconds, 2),
             "steps": [s.to_dict() for s in self.steps],
             "e2e_curve": [
-                {"step": s, "seconds": round(t, 1), "held_out_loss": v} for s, t, v in self.curve
+                {
+                    "step": s,
+                    "seconds": round(t, 1),
+                    "held_out_loss": m.loss,
+                    "held_out_agreement": m.agreement,
+                }
+                for s, t, m in self.curve
             ],
         }
 
@@ -69,17 +81,31 @@ class RecoverReport:
         lines = [
             f"recover: teacher {self.teacher}; {self.train_images} training / "
             f"{self.held_out_images} held-out images; {self.targets} matched values "
-            f"({self.heads} heads); {self.seconds / 60:.1f} of {self.budget_seconds / 60:.1f} min",
-            f"{'step':<8} {'held-out before':>16} {'after':>12}  {'':<9} {'time':>7}  detail",
+            f"({self.heads} heads); {self.seconds / 60:.1f} of {self.budget_seconds / 60:.1f} min; "
+            f"each step judged by {_JUDGES[self.judged_by]}",
+            f"{'step':<8} {'head loss before':>16} {'after':>9} {'agreement before':>17} "
+            f"{'after':>6}  {'':<9} {'time':>6}  detail",
         ]
         for s in self.steps:
             verdict = "kept" if s.kept else "REJECTED"
             lines.append(
-                f"{s.step:<8} {s.loss_before:>16.5f} {s.loss_after:>12.5f}  {verdict:<9} "
-                f"{s.seconds:>6.0f}s  {s.detail}"
+                f"{s.step:<8} {s.before.loss:>16.5f} {s.after.loss:>9.5f} "
+                f"{_percent(s.before.agreement):>17} {_percent(s.after.agreement):>6}  "
+                f"{verdict:<9} {s.seconds:>5.0f}s  {s.detail}"
             )
         lines.append(
-            f"held-out head loss {self.initial_loss:.5f} -> {self.final_loss:.5f}; "
-            f"feature loss {self.initial_feature_loss:.4f} -> {self.final_feature_loss:.4f}"
+            f"held-out {self.initial.describe()} -> {self.final.describe()}; "
+            f"feature loss {self.initial.feature_loss:.4f} -> {self.final.feature_loss:.4f}"
         )
         return "\n".join(lines)
+
+
+#: what ``judged_by`` means, in the report's words
+_JUDGES = {
+    "detections": "held-out agreement (mAP@[.5:.95] against the teacher's confident detections)",
+    "head loss": "held-out head loss (the outputs do not decode as detections)",
+}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"

@@ -16,6 +16,7 @@ round, so drifts of the machine's speed land on all of them alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in models.items():
         if path is not None:
             session = ort_session(ir.load(path), threads=args.threads)
-            contestants[name] = lambda f, s=session: run_session(s, f)
+            contestants[name] = functools.partial(run_session, session)
 
     for run in contestants.values():
         for _ in range(args.warmup):

@@ -21,11 +21,12 @@ def test_a_torch_module_is_refused_with_the_export_to_use(tmp_path: Path):
 
 def test_other_objects_name_what_is_accepted(tmp_path: Path):
     with pytest.raises(BadInputError, match=r"path to an \.onnx or \.pt2 file"):
-        detc.compile_model(42, target="x86", out_dir=tmp_path / "out")  # type: ignore[arg-type]
+        detc.compile_model(42, target="x86", out_dir=tmp_path / "out")
 
 
 def test_torch_export_chatter_stays_out_of_a_pt2_import(tmp_path: Path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
+    import torch
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:

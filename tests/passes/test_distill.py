@@ -196,7 +196,6 @@ def test_distillation_brings_the_student_closer_and_is_reproducible(
     assert _error(student, teacher, unseen) < 0.9 * before
     distill(twin, teacher, images, settings)
     for name, value in student.graph.initializers.items():
-        assert value.const_value is not None
-        np.testing.assert_array_equal(
-            value.const_value.numpy(), twin.graph.initializers[name].const_value.numpy()
-        )
+        twin_value = twin.graph.initializers[name].const_value
+        assert value.const_value is not None and twin_value is not None
+        np.testing.assert_array_equal(value.const_value.numpy(), twin_value.numpy())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,7 +35,7 @@ class OpCase:
     inputs: Callable[[np.random.Generator, tuple[int, ...]], np.ndarray] | None = None
 
 
-def _node(op: str, inputs: list[str], **attrs: object) -> onnx.NodeProto:
+def _node(op: str, inputs: list[str], **attrs: Any) -> onnx.NodeProto:
     return helper.make_node(op, inputs, ["y"], name=op.lower(), **attrs)
 
 

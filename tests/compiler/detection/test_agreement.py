@@ -3,7 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detc.compiler.detection.agreement import aggregate_agreement, match_detections
+from detc.compiler.detection.agreement import (
+    aggregate_agreement,
+    map_against_reference,
+    match_detections,
+)
 from detc.compiler.detection.decoders import Detections
 
 
@@ -108,3 +112,20 @@ def test_aggregate_sums_and_statistics() -> None:
 def test_aggregate_of_nothing() -> None:
     summary = aggregate_agreement([])
     assert summary.images == 0 and summary.mean_iou is None and summary.agreement == 1.0
+
+
+def test_map_against_reference_is_coco_style_map_with_confident_reference_boxes_as_truth() -> None:
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 0, 60, 30]], np.float32)
+    truths = [Detections(boxes, np.ones(3), np.array([0, 0, 1]))]
+    same = [Detections(boxes, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 1]))]
+    assert map_against_reference(truths, same) == 1.0
+    # a false positive ranked below every true one leaves AP at 1; one missed box does not
+    extra = Detections(np.vstack([boxes, [[80, 80, 90, 90]]]), [0.9, 0.8, 0.7, 0.1], [0, 0, 1, 0])
+    assert map_against_reference(truths, [extra]) == 1.0
+    missing = Detections(boxes[:2], [0.9, 0.8], [0, 0])
+    assert map_against_reference(truths, [missing]) == pytest.approx(0.5)  # class 1 found nothing
+    # a box shifted to IoU 0.8 with its truth counts at the thresholds 0.5 .. 0.8 only
+    shifted = boxes.copy()
+    shifted[2] = [50, 0, 60, 0 + 30 * 0.8]
+    partial = map_against_reference(truths, [Detections(shifted, [0.9, 0.8, 0.7], [0, 0, 1])])
+    assert partial == pytest.approx((1.0 + 7 / 10) / 2)

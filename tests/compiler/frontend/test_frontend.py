@@ -188,14 +188,15 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 
 def test_torch_module_front_end() -> None:
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
+    import torch
 
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
 
-        def forward(self, x):  # type: ignore[no-untyped-def]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.relu(self.conv(x))
 
     from detc.compiler.frontend import from_torch

@@ -8,11 +8,15 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from detc.compiler import BadInputError
 from detc.compiler.frontend import inspect_pt2_archive, load_model
+
+if TYPE_CHECKING:  # the annotations' torch; at run time, importorskip's
+    import torch
 
 torch = pytest.importorskip("torch")
 
@@ -32,7 +36,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[object, tuple[str]]:
         return (os.system, (f"touch {self.marker}",))
 
 

@@ -276,11 +276,11 @@ def test_verify_with_data_runs_each_model_once_per_image(
 
     def counted_session(*args: object, **kwargs: object) -> object:
         calls["onnxruntime"] += 1
-        return count_session(*args, **kwargs)  # type: ignore[arg-type]
+        return count_session(*args, **kwargs)
 
     def counted_artifact(self: CompiledModel, feeds: object) -> object:
         calls["artifact"] += 1
-        return count_artifact(self, feeds)  # type: ignore[arg-type]
+        return count_artifact(self, feeds)
 
     monkeypatch.setattr(detection_verify, "run_session", counted_session)
     monkeypatch.setattr(CompiledModel, "run", counted_artifact)

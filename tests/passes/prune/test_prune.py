@@ -417,26 +417,6 @@ def test_probe_scores_detections_against_the_originals(
     assert 0.0 < nudged < broken <= 1.0
 
 
-def test_agreement_is_coco_style_map_against_reference_detections() -> None:
-    from detc.compiler.detection.decoders import Detections
-    from detc.passes.prune.probe import agreement
-
-    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 0, 60, 30]], np.float32)
-    truths = [Detections(boxes, np.ones(3), np.array([0, 0, 1]))]
-    same = [Detections(boxes, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 1]))]
-    assert agreement(truths, same) == 1.0
-    # a false positive ranked below every true one leaves AP at 1; one missed box does not
-    extra = Detections(np.vstack([boxes, [[80, 80, 90, 90]]]), [0.9, 0.8, 0.7, 0.1], [0, 0, 1, 0])
-    assert agreement(truths, [extra]) == 1.0
-    missing = Detections(boxes[:2], [0.9, 0.8], [0, 0])
-    assert agreement(truths, [missing]) == pytest.approx(0.5)  # class 1 found nothing
-    # a box shifted to IoU 0.8 with its truth counts at the thresholds 0.5 .. 0.8 only
-    shifted = boxes.copy()
-    shifted[2] = [50, 0, 60, 0 + 30 * 0.8]
-    partial = agreement(truths, [Detections(shifted, [0.9, 0.8, 0.7], [0, 0, 1])])
-    assert partial == pytest.approx((1.0 + 7 / 10) / 2)
-
-
 @pytest.mark.parametrize("downstream", [False, True])
 def test_sequential_refit_reaches_uncut_convs_only_when_asked(
     rng: np.random.Generator, calib_dir: Path, downstream: bool

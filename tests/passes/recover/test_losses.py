@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from detc.passes.recover.losses import HeadLayout, LossTarget, head_loss, yolo_head_layout
+
+if TYPE_CHECKING:  # the annotations' torch; at run time, importorskip's
+    import torch
 
 torch = pytest.importorskip("torch")
 

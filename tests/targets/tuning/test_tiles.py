@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def _conv(
         padding=(pad, pad, pad, pad),
         dilation=(1, 1),
     )
-    return dataclasses.replace(conv, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(conv, **changes)
 
 
 def _run(data: np.ndarray, conv: QuantizedConv2d, tiles: dict | None) -> np.ndarray:
@@ -86,7 +87,7 @@ def _run(data: np.ndarray, conv: QuantizedConv2d, tiles: dict | None) -> np.ndar
     return arrays[-1].numpy().reshape(kernel.out_shape)
 
 
-CASES = {
+CASES: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {
     # name: (data shape, conv arguments)
     "1x1 u8 silu (one row of H*W pixels)": ((1, 16, 8, 10), dict(kernel=1, activation="silu")),
     "1x1 float out, 20 channels": (
