@@ -17,10 +17,10 @@ The recipe is a sequence of steps, each judged on held-out images the training n
 
 A step that makes the held-out measure worse is undone and reported as rejected: the agreement of
 the student's detections with the teacher's where the outputs decode, else the head loss
-(:mod:`.held_out`). The whole recovery
-keeps to a wall-clock budget (``minutes``); with ``steps`` set, the end-to-end step runs exactly
-that many steps, so a seed gives the same weights on the same machine. Progress lines give the
-time left.
+(:mod:`.held_out`). With ``labels=``, annotated images add YOLOv5's detection loss to the
+end-to-end step (:mod:`.labeled`). The whole recovery keeps to a wall-clock budget (``minutes``);
+with ``steps`` set, the end-to-end step runs exactly that many steps, so a seed gives the same
+weights on the same machine. Progress lines give the time left.
 """
 
 from __future__ import annotations
@@ -266,7 +266,9 @@ class _Recovery:
             spec=spec,
             output_names=[v.name for v in model.graph.outputs if v.name],
         )
-        self.crops = AugmentedCrops(images, options.seed, torch)
+        self.crops = AugmentedCrops(
+            images, options.seed, torch, mosaic=options.mosaic, jitter=options.jitter
+        )
         # the step size of each tensor scales with its size at the start (BN-folded weights
         # differ ~75x in magnitude between tensors: one step size fits none of them)
         self.initial_rms = {

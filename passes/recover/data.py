@@ -71,11 +71,14 @@ def load_images(
 class AugmentedCrops:
     """Random training inputs of ``size`` x ``size`` made from uint8 images."""
 
-    def __init__(self, images: ImageSet, seed: int, torch: Any, *, mosaic: float = 0.5) -> None:
+    def __init__(
+        self, images: ImageSet, seed: int, torch: Any, *, mosaic: float = 0.5, jitter: float = 0.4
+    ) -> None:
         self.torch = torch
         self.images = images
         self.rng = np.random.default_rng(seed)
         self.mosaic = mosaic
+        self.scales = (1.0 - jitter, 1.0 + jitter)
 
     def _tile(self, image: Any, height: int, width: int, scale_range: tuple[float, float]) -> Any:
         """A ``height`` x ``width`` crop of ``image`` rescaled by a random factor."""
@@ -97,7 +100,7 @@ class AugmentedCrops:
         """One input; without ``augment`` a plain crop at native scale (cached inputs)."""
         if not augment:
             return self._tile(self._pick(), size, size, (1.0, 1.0))
-        scales = (0.6, 1.4)
+        scales = self.scales
         if self.rng.random() < self.mosaic:
             row = int(self.rng.integers(size // 4, 3 * size // 4 + 1))
             col = int(self.rng.integers(size // 4, 3 * size // 4 + 1))

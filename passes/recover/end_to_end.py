@@ -3,13 +3,12 @@
 Each step draws augmented crops, runs the teacher on them (no gradient) and the student, and
 takes an Adam step on the heads' error (:func:`detc.passes.recover.losses.head_loss`) plus
 ``features`` times the error of the shared features (plus, with annotated images, the detection
-loss of :mod:`.labeled`). Crops grow from the smallest training side
-to the largest (progressive resolution: small crops are cheap and teach the local features
-first), each side for an equal share of the time or steps. The learning rate follows a cosine
-over the budget. Every so often the student is measured on the held-out images
-(:class:`~detc.passes.recover.held_out.Measure`: agreement of its detections with the teacher's,
-else the head loss); the best weights measured are what the step returns (early stopping without
-a patience to tune).
+loss of :mod:`.labeled`). Crops grow from the smallest training side to the largest (progressive
+resolution: small crops are cheap and teach the local features first), each side for an equal
+share of the time or steps. The learning rate follows a cosine over the budget. Every so often
+the student is measured on the held-out images (:class:`~detc.passes.recover.held_out.Measure`:
+agreement of its detections with the teacher's, else the head loss); the best weights measured
+are what the step returns (early stopping without a patience to tune).
 """
 
 from __future__ import annotations

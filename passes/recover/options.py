@@ -51,6 +51,12 @@ class RecoverOptions:
         "its time (crops keep the objects' native scale; multiples of the largest stride)",
     )
     batch: int = _option(4, "training inputs per e2e step")
+    mosaic: float = _option(
+        0.5, "share of e2e inputs made of four images (YOLO's mosaic), the rest one image each"
+    )
+    jitter: float = _option(
+        0.4, "e2e images are rescaled by a random factor in 1 +- jitter before cropping"
+    )
     lr: float = _option(
         1e-3,
         "Adam learning rate: with lr_scaling=rms, relative to each tensor's RMS (BN-folded "
@@ -112,6 +118,10 @@ class RecoverOptions:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.mosaic <= 1:
+            raise ValueError(f"mosaic={self.mosaic} must be in [0, 1]")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter={self.jitter} must be in [0, 1)")
         if self.features < 0:
             raise ValueError(f"features={self.features} must be >= 0")
         if self.label_weight < 0:
