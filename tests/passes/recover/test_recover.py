@@ -146,6 +146,7 @@ def _detc(*args: str) -> subprocess.CompletedProcess[str]:
         ("images={images},teacher={missing}", "is not a file"),
         ("images={images},teacher={teacher},labels={missing}", "not a COCO-format dataset"),
         ("images={images},teacher={teacher},label_weight=-1", "label_weight=-1.0 must be >= 0"),
+        ("images={images},teacher={teacher},mosaic=2", "mosaic=2.0 must be in [0, 1]"),
     ],
 )
 def test_bad_options_are_one_line_errors_with_exit_2(
