@@ -172,7 +172,9 @@ class RecoverPass(DetcPass):
             judged_by="detections" if run.held_out.judges_detections else "head loss",
         )
         self.report = report
+        measuring = time.monotonic()
         report.initial = before = run.held_out.measure(run.student)
+        measure_seconds = time.monotonic() - measuring
         logger.info(
             "recover: %d matched values (%d heads), held-out %s, %s left",
             len(targets),
@@ -192,7 +194,7 @@ class RecoverPass(DetcPass):
             elif step == "blocks":
                 detail = run.blocks(leave_for_later=0.5 if "e2e" in recipe[position + 1 :] else 0.0)
             else:
-                detail = run.end_to_end(report, time.monotonic() - started)
+                detail = run.end_to_end(report, before, measure_seconds)
             after = run.held_out.measure(run.student)
             kept = after.better_than(before)
             report.steps.append(
@@ -357,9 +359,9 @@ class _Recovery:
         )
         return f"{fitted}/{len(blocks)} blocks x {self.options.block_steps} steps"
 
-    def end_to_end(self, report: RecoverReport, check_seconds: float) -> str:
-        # what is left, less the final held-out checks (about as long as the one just done)
-        seconds = max(self.budget.left() - 2 * check_seconds, 1.0)
+    def end_to_end(self, report: RecoverReport, start: Measure, measure_seconds: float) -> str:
+        # what is left, less the two held-out measures after training (e2e's last, the step's)
+        seconds = max(self.budget.left() - 2 * measure_seconds, 1.0)
         ticker = _Ticker()
 
         def on_progress(step: int, size: int, loss: float, measured: Measure | None) -> None:
@@ -382,6 +384,7 @@ class _Recovery:
             self.teacher,
             self.crops,
             self.held_out,
+            start,
             self.targets,
             self.input_name,
             sizes=self.options.crop_sizes,

@@ -43,6 +43,7 @@ def distill_end_to_end(
     teacher: TorchGraph,
     crops: AugmentedCrops,
     held_out: HeldOut,
+    start: Measure,
     targets: Sequence[LossTarget],
     input_name: str,
     *,
@@ -59,7 +60,9 @@ def distill_end_to_end(
     on_progress: Callable[[int, int, float, Measure | None], None] | None = None,
     on_check: Callable[[int, float], None] | None = None,
 ) -> TrainingCurve:
-    """Train ``student`` in place for ``steps`` (or until ``seconds`` pass); keep the best."""
+    """Train ``student`` in place for ``steps`` (or until ``seconds`` pass); keep the best.
+
+    ``start`` is the student's held-out measure as it comes in (the caller has taken it)."""
     started = time.monotonic()
     wanted = [t.name for t in targets]
     names = list(student.parameters)
@@ -68,7 +71,7 @@ def distill_end_to_end(
         [{"params": [student.parameters[n]], "lr": base_lr[n]} for n in names]
     )
     curve = TrainingCurve()
-    best = held_out.measure(student)
+    best = start
     curve.points.append((0, 0.0, best))
     best_weights = student.snapshot()
     check_every_seconds = seconds / _CHECKS
