@@ -177,6 +177,13 @@ def aggregate_agreement(
     )
 
 
+def confident_truths(found: Sequence[Detections]) -> list[Detections] | None:
+    """The reference's detections from :data:`CONFIDENT_SCORE` up, per image: the ground truth
+    of :func:`map_against_reference`; None where no image has one (nothing to agree on)."""
+    truths = [d.above(CONFIDENT_SCORE) for d in found]
+    return truths if any(len(t) for t in truths) else None
+
+
 def map_against_reference(truths: Sequence[Detections], found: Sequence[Detections]) -> float:
     """COCO-style mAP@[.5:.95] of ``found`` with ``truths`` as ground truth (classes apart).
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from detc.compiler.detection.agreement import CONFIDENT_SCORE, map_against_reference
+from detc.compiler.detection.agreement import confident_truths, map_against_reference
 from detc.compiler.detection.decoders import Detections, decode
 from detc.compiler.detection.spec import ModelSpec, spec_for_model
 from detc.compiler.errors import BadInputError
@@ -108,9 +108,7 @@ class OutputProbe:
         if metric == "heads" and self._spec is not None:
             self._layouts = _yolo_layouts(self._reference[0], self._compared, self._spec)
         if self._spec is not None and not self._layouts:
-            self._truths = [d.above(CONFIDENT_SCORE) for d in self._detections(self._reference)]
-            if not any(len(d) for d in self._truths):
-                self._truths = None
+            self._truths = confident_truths(self._detections(self._reference))
         self.metric = (
             HEADS_METRIC
             if self._layouts

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from detc.compiler.detection.agreement import CONFIDENT_SCORE, map_against_reference
+from detc.compiler.detection.agreement import confident_truths, map_against_reference
 from detc.compiler.detection.decoders import Detections, decode
 from detc.compiler.detection.spec import ModelSpec
 from detc.compiler.errors import BadInputError
@@ -97,8 +97,7 @@ class HeldOut:
                 found = self._detections(teacher, self.expected)
         except (BadInputError, ValueError, IndexError, KeyError, RuntimeError):
             return None  # a spec inferred for outputs that are not a detector's
-        truths = [d.above(CONFIDENT_SCORE) for d in found]
-        return truths if any(len(t) for t in truths) else None
+        return confident_truths(found)
 
     def _detections(
         self, graph: TorchGraph, computed: Sequence[dict[str, Any]]
